@@ -1,0 +1,816 @@
+"""Image-classification datasets as uint8 NHWC arrays, device-side augmentation and batching.
+
+Five datasets are known (:data:`DATASETS`): ``mnist``, ``fmnist`` (Fashion-MNIST), ``cifar10``,
+``cifar100`` and ``svhn`` (the cropped-digits version). :func:`load` returns a :class:`Dataset` with
+uint8 images in NHWC layout and int32 labels from one of three sources:
+
+* ``"local"``: the official distribution files in a data directory, parsed with numpy:
+
+  - MNIST / Fashion-MNIST: the four IDX files (``train-images-idx3-ubyte.gz``, ...), gzip-compressed or
+    not, in ``data_dir/<name folder>/`` (``mnist``; ``fashion-mnist``, ``fashion_mnist``, ``fmnist``)
+    or in ``data_dir`` itself.
+  - CIFAR-10: ``cifar-10-batches-bin/`` (binary version), ``cifar-10-batches-py/`` (python version) or
+    the official archives ``cifar-10-binary.tar.gz`` / ``cifar-10-python.tar.gz`` (read in memory,
+    never extracted to disk). CIFAR-100 likewise (``cifar-100-binary/``, ``cifar-100-python/``, their
+    ``.tar.gz`` archives); fine labels are used.
+  - SVHN: ``train_32x32.mat`` and ``test_32x32.mat`` (label 10 is the digit 0 and becomes 0).
+
+  The python versions of CIFAR are pickles. They are read with a restricted unpickler that executes no
+  code: it resolves only the four numpy names needed to rebuild a numpy array (see
+  :data:`_PICKLE_ALLOWED_GLOBALS`) and refuses every other global, so a malicious file raises instead of
+  running anything.
+
+* ``"tfds"``: TensorFlow Datasets (``tensorflow_datasets.load``, imported lazily), which downloads and
+  prepares the data on first use (this needs TensorFlow and a network connection; TFDS keeps its copy in
+  its own data directory, ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``).
+* ``"embedded"``: a real 5000/1000-image MNIST sample shipped inside the package
+  (``enquant/assets/mnist_sample.npz``, made by ``scripts/make_mnist_sample.py``), so demos and tests
+  run anywhere offline.
+
+``"auto"`` (the default) uses the local files when they are there and TFDS otherwise.
+
+Images stay uint8 on the host; :func:`to_float` converts to float32 in [0, 1] (on device), and
+:func:`augment` applies the CIFAR-style pad-4 random crop + horizontal flip on device as a jitted
+function of a PRNG key. :func:`epoch_batches` gives the batch indices of an epoch as a pure function of
+(seed, epoch), so a resumed run sees exactly the batches of an uninterrupted one.
+
+This module knows nothing about models.
+
+Example:
+  >>> ds = load("mnist", source="embedded")
+  >>> ds.train_images.shape, ds.train_images.dtype, ds.num_classes
+  ((5000, 28, 28, 1), dtype('uint8'), 10)
+
+References:
+  LeCun, Bottou, Bengio, Haffner. "Gradient-based learning applied to document recognition." 1998
+  (MNIST, IDX format: http://yann.lecun.com/exdb/mnist/).
+  Xiao, Rasul, Vollgraf. "Fashion-MNIST." 2017. https://arxiv.org/abs/1708.07747
+  Krizhevsky. "Learning multiple layers of features from tiny images." 2009 (CIFAR-10/100 and their
+  file formats: https://www.cs.toronto.edu/~kriz/cifar.html).
+  Netzer et al. "Reading digits in natural images with unsupervised feature learning." 2011 (SVHN:
+  http://ufldl.stanford.edu/housenumbers/).
+"""
+
+import dataclasses
+import functools
+import gzip
+import importlib.resources
+import importlib.util
+import io
+import os
+import pathlib
+import pickle
+import tarfile
+import zlib
+from typing import Callable, NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCES = ("auto", "local", "tfds", "embedded")
+ENV_DATA_DIR = "ENQUANT_DATA_DIR"
+# The shared data folder beside a source checkout: <repo>/../shared/data.
+_SIBLING_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+_HOME_DATA_DIR = pathlib.Path("~/.enquant/data")
+_EMBEDDED_PACKAGE = "enquant"
+_EMBEDDED_FILE = ("assets", "mnist_sample.npz")
+
+
+class DatasetInfo(NamedTuple):
+  """Static facts about one dataset.
+
+  Attributes:
+    name: the name :func:`load` takes.
+    tfds_name: the TensorFlow Datasets name.
+    image_shape: ``(height, width, channels)``.
+    num_classes: number of classes; labels are ``0 .. num_classes - 1``.
+    num_train: size of the official train split.
+    num_test: size of the official test split.
+    subdirs: folders under ``data_dir`` that are searched (before ``data_dir`` itself) for local files.
+  """
+
+  name: str
+  tfds_name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  num_train: int
+  num_test: int
+  subdirs: tuple[str, ...]
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo("mnist", "mnist", (28, 28, 1), 10, 60000, 10000, ("mnist", "MNIST")),
+    "fmnist": DatasetInfo(
+        "fmnist", "fashion_mnist", (28, 28, 1), 10, 60000, 10000,
+        ("fashion-mnist", "fashion_mnist", "fmnist")),
+    "cifar10": DatasetInfo(
+        "cifar10", "cifar10", (32, 32, 3), 10, 50000, 10000, ("cifar10", "cifar-10")),
+    "cifar100": DatasetInfo(
+        "cifar100", "cifar100", (32, 32, 3), 100, 50000, 10000, ("cifar100", "cifar-100")),
+    "svhn": DatasetInfo("svhn", "svhn_cropped", (32, 32, 3), 10, 73257, 26032, ("svhn", "SVHN")),
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """A train/test pair of image arrays with labels.
+
+  Attributes:
+    name: dataset name (a key of :data:`DATASETS`).
+    train_images: uint8 ``(N, H, W, C)``.
+    train_labels: int32 ``(N,)`` in ``[0, num_classes)``.
+    test_images: uint8 ``(M, H, W, C)``.
+    test_labels: int32 ``(M,)``.
+    num_classes: number of classes.
+    source: where the arrays came from: a folder or archive path, ``"tfds"`` or ``"embedded"``.
+  """
+
+  name: str
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  source: str
+
+  def __post_init__(self):
+    for split in ("train", "test"):
+      images = getattr(self, f"{split}_images")
+      labels = getattr(self, f"{split}_labels")
+      if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"{split}_images must be uint8 NHWC, got dtype {images.dtype} and shape {images.shape}")
+      if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
+        raise ValueError(f"{split}_labels must be int32 of shape {images.shape[:1]}, got dtype "
+                         f"{labels.dtype} and shape {labels.shape}")
+    if self.train_images.shape[1:] != self.test_images.shape[1:]:
+      raise ValueError(f"train and test image shapes differ: {self.train_images.shape[1:]} vs "
+                       f"{self.test_images.shape[1:]}")
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """``(height, width, channels)``."""
+    return tuple(self.train_images.shape[1:])
+
+  @property
+  def num_train(self) -> int:
+    return int(self.train_images.shape[0])
+
+  @property
+  def num_test(self) -> int:
+    return int(self.test_images.shape[0])
+
+  def __repr__(self) -> str:
+    return (f"Dataset(name={self.name!r}, train={self.num_train}, test={self.num_test}, "
+            f"image_shape={self.image_shape}, num_classes={self.num_classes}, source={self.source!r})")
+
+
+def default_data_dir() -> pathlib.Path:
+  """Where local data files are looked for when ``load`` gets no ``data_dir``.
+
+  Returns:
+    ``$ENQUANT_DATA_DIR`` if set; else ``../shared/data`` beside the source checkout if that folder
+    exists; else ``~/.enquant/data``.
+  """
+  env = os.environ.get(ENV_DATA_DIR)
+  if env:
+    return pathlib.Path(env).expanduser()
+  if _SIBLING_DATA_DIR.is_dir():
+    return _SIBLING_DATA_DIR
+  return _HOME_DATA_DIR.expanduser()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors.
+
+
+class _LocalFilesMissing(FileNotFoundError):
+  """No complete set of local files: ``source="auto"`` may fall back to TFDS."""
+
+
+def _missing_error(info: DatasetInfo, roots: list[pathlib.Path], expected: list[str],
+                   incomplete: list[str]) -> _LocalFilesMissing:
+  lines = [f"no local copy of {info.name!r} found.",
+           "  Looked in: " + ", ".join(str(r) for r in roots),
+           "  Expected one of:"]
+  lines += [f"    {e}" for e in expected]
+  if incomplete:
+    lines.append("  Incomplete copies:")
+    lines += [f"    {i}" for i in incomplete]
+  lines.append(f"  Pass data_dir=..., set ${ENV_DATA_DIR}, or use source='tfds'"
+               + (" or source='embedded' (the bundled 5000/1000 MNIST sample)."
+                  if info.name == "mnist" else "."))
+  return _LocalFilesMissing("\n".join(lines))
+
+
+def _check_labels(labels: np.ndarray, low: int, high: int, what: str) -> None:
+  """Raises ValueError naming `what` if a label lies outside ``[low, high]``."""
+  if labels.size:
+    bad = labels[(labels < low) | (labels > high)]
+    if bad.size:
+      raise ValueError(f"{what}: label {int(bad[0])} is outside [{low}, {high}] "
+                       f"({bad.size} bad labels)")
+
+
+def _check_split(images: np.ndarray, labels: np.ndarray, info: DatasetInfo, what: str) -> None:
+  if images.shape[1:] != info.image_shape:
+    raise ValueError(f"{what}: images have shape {images.shape[1:]}, expected {info.image_shape} "
+                     f"for {info.name}")
+  if images.shape[0] != labels.shape[0]:
+    raise ValueError(f"{what}: {images.shape[0]} images but {labels.shape[0]} labels")
+  _check_labels(labels, 0, info.num_classes - 1, what)
+
+
+def _roots(info: DatasetInfo, data_dir: pathlib.Path) -> list[pathlib.Path]:
+  return [data_dir / s for s in info.subdirs] + [data_dir]
+
+
+# ----------------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST: IDX files.
+
+_IDX_UBYTE = 0x08
+_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+_IDX_FILES = {  # role -> accepted file names, in order of preference
+    "train_images": ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    "train_labels": ("train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    "test_images": ("t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+    "test_labels": ("t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+}
+
+
+def _read_maybe_gzip(path: pathlib.Path) -> bytes:
+  """File contents, gunzipped when the file starts with the gzip magic bytes (not by extension)."""
+  raw = path.read_bytes()
+  if raw[:2] != b"\x1f\x8b":
+    return raw
+  try:
+    return gzip.decompress(raw)
+  except (OSError, EOFError, zlib.error) as e:
+    raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from e
+
+
+def _parse_idx(buf: bytes, what: str, *, magic: int) -> np.ndarray:
+  """Parses an unsigned-byte IDX file (the MNIST format) into a uint8 array.
+
+  Args:
+    buf: the (decompressed) file contents.
+    what: the file's name, used in error messages.
+    magic: the expected magic number (2051 for 3-d images, 2049 for 1-d labels).
+
+  Returns:
+    The uint8 array with the dimensions from the header.
+
+  Raises:
+    ValueError: wrong magic number, or a size that does not match the header (truncated or padded).
+  """
+  if len(buf) < 4:
+    raise ValueError(f"{what}: {len(buf)} bytes, too short for an IDX header")
+  found = int.from_bytes(buf[:4], "big")
+  if found != magic:
+    raise ValueError(f"{what}: IDX magic number {found} (0x{found:08x}), expected {magic} "
+                     f"(0x{magic:08x}); not an unsigned-byte IDX file of the right kind")
+  ndim = buf[3]
+  header = 4 + 4 * ndim
+  if len(buf) < header:
+    raise ValueError(f"{what}: truncated IDX header ({len(buf)} bytes)")
+  dims = tuple(int.from_bytes(buf[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+  expected = header + int(np.prod(dims, dtype=np.int64))
+  if len(buf) != expected:
+    raise ValueError(f"{what}: {len(buf)} bytes, but the header's dimensions {dims} need {expected} "
+                     "(truncated or corrupt file)")
+  return np.frombuffer(buf, np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(info: DatasetInfo, roots: list[pathlib.Path]):
+  incomplete = []
+  for root in roots:
+    if not root.is_dir():
+      continue
+    found = {}
+    for role, names in _IDX_FILES.items():
+      path = next((root / n for n in names if (root / n).is_file()), None)
+      if path is not None:
+        found[role] = path
+    if len(found) == len(_IDX_FILES):
+      return found, []
+    if found:
+      missing = [_IDX_FILES[r][0] for r in _IDX_FILES if r not in found]
+      incomplete.append(f"{root} lacks {', '.join(missing)}")
+  return None, incomplete
+
+
+def _load_idx(info: DatasetInfo, data_dir: pathlib.Path):
+  roots = _roots(info, data_dir)
+  found, incomplete = _find_idx(info, roots)
+  if found is None:
+    expected = [", ".join(names[0] for names in _IDX_FILES.values())
+                + " (gzip-compressed or not)"]
+    raise _missing_error(info, roots, expected, incomplete)
+  arrays = {}
+  for role, path in found.items():
+    magic = _IDX_IMAGES_MAGIC if role.endswith("images") else _IDX_LABELS_MAGIC
+    arrays[role] = _parse_idx(_read_maybe_gzip(path), str(path), magic=magic)
+  splits = []
+  for split in ("train", "test"):
+    images = arrays[f"{split}_images"][..., None]  # (N, 28, 28) -> (N, 28, 28, 1)
+    labels = arrays[f"{split}_labels"]
+    _check_split(images, labels, info, f"{found[f'{split}_images']} + {found[f'{split}_labels'].name}")
+    splits += [images, labels]
+  return (*splits, str(found["train_images"].parent))
+
+
+# ----------------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100: binary and python versions, in folders or the official .tar.gz archives.
+
+_CIFAR_PIXELS = 32 * 32 * 3  # one record: 1024 red, 1024 green, 1024 blue bytes, each plane row-major
+
+
+class _CifarLayout(NamedTuple):
+  fmt: str  # "bin" or "py"
+  folder: str
+  archive: str
+  train: tuple[str, ...]
+  test: tuple[str, ...]
+
+
+_CIFAR_LAYOUTS = {
+    "cifar10": (
+        _CifarLayout("bin", "cifar-10-batches-bin", "cifar-10-binary.tar.gz",
+                     tuple(f"data_batch_{i}.bin" for i in range(1, 6)), ("test_batch.bin",)),
+        _CifarLayout("py", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                     tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",)),
+    ),
+    "cifar100": (
+        _CifarLayout("bin", "cifar-100-binary", "cifar-100-binary.tar.gz", ("train.bin",), ("test.bin",)),
+        _CifarLayout("py", "cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",)),
+    ),
+}
+
+
+def _numpy_reconstruct():
+  try:
+    from numpy._core import multiarray  # pylint: disable=g-import-not-at-top  # numpy >= 2
+  except ImportError:  # numpy 1.x
+    from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
+  return multiarray._reconstruct  # pylint: disable=protected-access
+
+
+# The only globals a CIFAR python pickle needs: rebuilding numpy arrays. Everything else is refused.
+_PICKLE_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Unpickler that resolves only :data:`_PICKLE_ALLOWED_GLOBALS`, so loading executes no code."""
+
+  def find_class(self, module, name):
+    resolve = _PICKLE_ALLOWED_GLOBALS.get((module, name))
+    if resolve is None:
+      raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+    return resolve()
+
+  def persistent_load(self, pid):
+    raise pickle.UnpicklingError("refusing persistent ids")
+
+
+def _safe_unpickle(buf: bytes, what: str):
+  """Loads a pickle that may only contain builtin containers/scalars and numpy arrays.
+
+  Python-2 strings load as bytes (``encoding="bytes"``), as the CIFAR python files need.
+
+  Args:
+    buf: the pickle bytes.
+    what: the file's name, used in error messages.
+
+  Returns:
+    The unpickled object.
+
+  Raises:
+    ValueError: the pickle is corrupt or references anything beyond the allowed numpy names (nothing
+      it references is ever called).
+  """
+  try:
+    return _RestrictedUnpickler(io.BytesIO(buf), encoding="bytes").load()
+  except Exception as e:  # pylint: disable=broad-except  # any failure means a bad file
+    raise ValueError(f"{what}: not a valid CIFAR python pickle ({type(e).__name__}: {e})") from e
+
+
+def _cifar_images(flat: np.ndarray) -> np.ndarray:
+  """(N, 3072) rows of R, G, B planes -> (N, 32, 32, 3) NHWC."""
+  return flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _parse_cifar_bin(buf: bytes, what: str, label_bytes: int):
+  record = label_bytes + _CIFAR_PIXELS
+  if not buf or len(buf) % record:
+    raise ValueError(f"{what}: {len(buf)} bytes is not a positive multiple of the {record}-byte "
+                     "record (truncated or not a CIFAR binary file)")
+  rows = np.frombuffer(buf, np.uint8).reshape(-1, record)
+  if label_bytes == 2:  # CIFAR-100: coarse label, fine label
+    _check_labels(rows[:, 0], 0, 19, f"{what} (coarse labels)")
+  return _cifar_images(rows[:, label_bytes:]), rows[:, label_bytes - 1].astype(np.int32)
+
+
+def _parse_cifar_py(buf: bytes, what: str, label_key: str):
+  obj = _safe_unpickle(buf, what)
+  if not isinstance(obj, dict):
+    raise ValueError(f"{what}: expected a dict, found {type(obj).__name__}")
+  d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+  for key in ("data", label_key):
+    if key not in d:
+      raise ValueError(f"{what}: no {key!r} entry (keys: {sorted(map(str, d))})")
+  data = d["data"]
+  if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+      or data.shape[1] != _CIFAR_PIXELS:
+    desc = (f"dtype {data.dtype}, shape {data.shape}" if isinstance(data, np.ndarray)
+            else type(data).__name__)
+    raise ValueError(f"{what}: 'data' must be a uint8 array of shape (N, {_CIFAR_PIXELS}), got {desc}")
+  try:
+    labels = np.asarray(d[label_key], dtype=np.int64)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{what}: {label_key!r} is not a list of integers ({e})") from e
+  if labels.shape != (data.shape[0],):
+    raise ValueError(f"{what}: {data.shape[0]} images but {label_key!r} has shape {labels.shape}")
+  return _cifar_images(data), labels
+
+
+def _read_tar_members(path: pathlib.Path, names: list[str]) -> dict[str, bytes]:
+  """Reads the named members of a .tar.gz into memory (one sequential pass, nothing extracted)."""
+  wanted, out = set(names), {}
+  try:
+    with tarfile.open(path, "r:*") as tar:
+      for member in tar:
+        name = member.name[2:] if member.name.startswith("./") else member.name
+        if name in wanted and member.isfile():
+          out[name] = tar.extractfile(member).read()
+  except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    raise ValueError(f"{path}: corrupt or truncated archive ({type(e).__name__}: {e})") from e
+  missing = [n for n in names if n not in out]
+  if missing:
+    raise ValueError(f"{path}: archive lacks {', '.join(missing)}")
+  return out
+
+
+def _find_cifar(layouts, roots):
+  incomplete = []
+  for root in roots:
+    for layout in layouts:
+      folder = root / layout.folder
+      if folder.is_dir():
+        missing = [n for n in layout.train + layout.test if not (folder / n).is_file()]
+        if not missing:
+          return layout, folder, False, []
+        incomplete.append(f"{folder} lacks {', '.join(missing)}")
+    for layout in layouts:
+      if (root / layout.archive).is_file():
+        return layout, root / layout.archive, True, []
+  return None, None, False, incomplete
+
+
+def _load_cifar(info: DatasetInfo, data_dir: pathlib.Path):
+  layouts = _CIFAR_LAYOUTS[info.name]
+  roots = _roots(info, data_dir)
+  layout, location, is_archive, incomplete = _find_cifar(layouts, roots)
+  if layout is None:
+    expected = []
+    for lay in layouts:
+      expected.append(f"{lay.folder}/{{{', '.join(lay.train + lay.test)}}}")
+    expected += [lay.archive for lay in layouts]
+    raise _missing_error(info, roots, expected, incomplete)
+  if is_archive:
+    members = _read_tar_members(location, [f"{layout.folder}/{n}" for n in layout.train + layout.test])
+    read = lambda n: members[f"{layout.folder}/{n}"]
+  else:
+    read = lambda n: (location / n).read_bytes()
+  cifar100 = info.name == "cifar100"
+  splits = []
+  for names in (layout.train, layout.test):
+    parts = []
+    for n in names:
+      what = f"{location}/{n}" if not is_archive else f"{location}:{layout.folder}/{n}"
+      if layout.fmt == "bin":
+        parts.append(_parse_cifar_bin(read(n), what, 2 if cifar100 else 1))
+      else:
+        parts.append(_parse_cifar_py(read(n), what, "fine_labels" if cifar100 else "labels"))
+      _check_split(*parts[-1], info, what)
+    splits += [np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])]
+  return (*splits, str(location))
+
+
+# ----------------------------------------------------------------------------------------------------
+# SVHN: MATLAB .mat files.
+
+_SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+
+
+def _parse_svhn_mat(path: pathlib.Path):
+  import scipy.io  # pylint: disable=g-import-not-at-top  # only SVHN needs scipy
+
+  try:
+    mat = scipy.io.loadmat(path)
+  except Exception as e:  # pylint: disable=broad-except  # scipy raises many types for bad files
+    raise ValueError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {e})") from e
+  if "X" not in mat or "y" not in mat:
+    raise ValueError(f"{path}: expected variables 'X' and 'y', found "
+                     f"{sorted(k for k in mat if not k.startswith('__'))}")
+  x, y = mat["X"], mat["y"]
+  if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+    raise ValueError(f"{path}: 'X' must be uint8 of shape (32, 32, 3, N), got dtype {x.dtype} and "
+                     f"shape {x.shape}")
+  y = np.asarray(y).reshape(-1)
+  if y.shape[0] != x.shape[3]:
+    raise ValueError(f"{path}: {x.shape[3]} images but {y.shape[0]} labels")
+  y = y.astype(np.int64)
+  _check_labels(y, 1, 10, str(path))  # SVHN labels digits 1..9 as 1..9 and the digit 0 as 10
+  return x.transpose(3, 0, 1, 2), y % 10
+
+
+def _load_svhn(info: DatasetInfo, data_dir: pathlib.Path):
+  roots = _roots(info, data_dir)
+  incomplete = []
+  for root in roots:
+    present = [(root / n).is_file() for n in _SVHN_FILES]
+    if all(present):
+      splits = []
+      for n in _SVHN_FILES:
+        images, labels = _parse_svhn_mat(root / n)
+        _check_split(images, labels, info, str(root / n))
+        splits += [images, labels]
+      return (*splits, str(root))
+    if any(present):
+      incomplete.append(f"{root} lacks {_SVHN_FILES[present.index(False)]}")
+  raise _missing_error(info, roots, [", ".join(_SVHN_FILES)], incomplete)
+
+
+_LOCAL_LOADERS: dict[str, Callable] = {
+    "mnist": _load_idx, "fmnist": _load_idx, "cifar10": _load_cifar, "cifar100": _load_cifar,
+    "svhn": _load_svhn,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# TFDS and the embedded sample.
+
+
+def _tensorflow_available() -> bool:
+  return importlib.util.find_spec("tensorflow") is not None
+
+
+def _load_tfds(info: DatasetInfo, max_train: int | None, max_test: int | None):
+  """Loads through TensorFlow Datasets; any failure becomes a RuntimeError with the reason."""
+  if not _tensorflow_available():
+    # TFDS's stock builders need TensorFlow to prepare the data and to return batch_size=-1 tensors;
+    # failing here avoids minutes of download retries that could only end in the same error.
+    raise RuntimeError(f"TFDS cannot load {info.tfds_name!r}: TensorFlow is not installed "
+                       "(pip install tensorflow-cpu)")
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    splits = [f"train[:{max_train}]" if max_train else "train",
+              f"test[:{max_test}]" if max_test else "test"]
+    loaded = tfds.load(info.tfds_name, split=splits, batch_size=-1, as_supervised=True)
+    (train_x, train_y), (test_x, test_y) = tfds.as_numpy(loaded)
+  except Exception as e:  # pylint: disable=broad-except  # TFDS/network raise many types
+    raise RuntimeError(f"TFDS could not load {info.tfds_name!r} ({type(e).__name__}: {e})") from e
+  return (np.asarray(train_x), np.asarray(train_y), np.asarray(test_x), np.asarray(test_y), "tfds")
+
+
+def _load_embedded(info: DatasetInfo):
+  if info.name != "mnist":
+    raise ValueError(f"source='embedded' exists only for 'mnist', not {info.name!r}")
+  resource = importlib.resources.files(_EMBEDDED_PACKAGE)
+  for part in _EMBEDDED_FILE:
+    resource = resource / part
+  with resource.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+    arrays = [npz[k] for k in ("train_images", "train_labels", "test_images", "test_labels")]
+  return (*arrays, "embedded")
+
+
+def _check_max(value, what: str) -> None:
+  if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                            or value < 1):
+    raise ValueError(f"{what} must be a positive integer or None, got {value!r}")
+
+
+def load(name: str, data_dir: str | os.PathLike | None = None, *, source: str = "auto",
+         max_train: int | None = None, max_test: int | None = None) -> Dataset:
+  """Loads a dataset as uint8 NHWC images and int32 labels.
+
+  Args:
+    name: one of :data:`DATASETS` (``mnist``, ``fmnist``, ``cifar10``, ``cifar100``, ``svhn``).
+    data_dir: folder with the official files (see the module docstring for the layouts searched);
+      ``None`` means :func:`default_data_dir`.
+    source: ``"local"``, ``"tfds"``, ``"embedded"`` (MNIST sample shipped in the package) or
+      ``"auto"`` (local files when present, else TFDS).
+    max_train: keep only the first ``max_train`` training examples (all when ``None`` or larger).
+    max_test: keep only the first ``max_test`` test examples.
+
+  Returns:
+    A :class:`Dataset`.
+
+  Raises:
+    ValueError: unknown name or source, bad ``max_*``, or a corrupt/truncated file (the message names
+      the file).
+    FileNotFoundError: no local files (the message lists the files expected and the folders searched);
+      for ``"auto"`` also when TFDS fails.
+    RuntimeError: ``source="tfds"`` and TFDS fails.
+  """
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+  if source not in SOURCES:
+    raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
+  _check_max(max_train, "max_train")
+  _check_max(max_test, "max_test")
+  info = DATASETS[name]
+  data_dir = pathlib.Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+
+  if source == "embedded":
+    arrays = _load_embedded(info)
+  elif source == "tfds":
+    arrays = _load_tfds(info, max_train, max_test)
+  elif source == "local":
+    arrays = _LOCAL_LOADERS[name](info, data_dir)
+  else:  # auto
+    try:
+      arrays = _LOCAL_LOADERS[name](info, data_dir)
+    except _LocalFilesMissing as local_error:
+      try:
+        arrays = _load_tfds(info, max_train, max_test)
+      except RuntimeError as tfds_error:
+        raise FileNotFoundError(f"{local_error}\n  TFDS fallback failed too: {tfds_error}") from None
+
+  train_x, train_y, test_x, test_y, where = arrays
+  train_x, train_y = train_x[:max_train], train_y[:max_train]
+  test_x, test_y = test_x[:max_test], test_y[:max_test]
+  for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+    _check_split(x, y, info, f"{where} ({split})")
+  return Dataset(
+      name=name,
+      train_images=np.array(train_x, dtype=np.uint8, order="C"),
+      train_labels=np.array(train_y, dtype=np.int32),
+      test_images=np.array(test_x, dtype=np.uint8, order="C"),
+      test_labels=np.array(test_y, dtype=np.int32),
+      num_classes=info.num_classes,
+      source=where,
+  )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device-side preprocessing, batching, statistics.
+
+
+# x / 255 correctly rounded to float32 for every uint8 x. XLA rewrites a division by a constant into a
+# multiplication by its reciprocal (off by one ulp for about half the values); a 256-entry table lookup
+# gives numpy's exact values on every backend.
+_UINT8_TO_FLOAT = np.arange(256, dtype=np.float32) / np.float32(255)
+
+
+def to_float(images) -> jax.Array:
+  """uint8 images -> float32 in [0, 1], exactly ``x / 255``, as a jax array (on device; jittable).
+
+  Raises:
+    ValueError: ``images`` is not uint8.
+  """
+  images = jnp.asarray(images)
+  if images.dtype != jnp.uint8:
+    raise ValueError(f"to_float expects uint8 images, got dtype {images.dtype}")
+  return jnp.asarray(_UINT8_TO_FLOAT)[images]
+
+
+def crop_flip(image, dy, dx, flip, *, pad: int = 4) -> jax.Array:
+  """One image's crop of its zero-padded copy, optionally mirrored left-right.
+
+  The image ``(H, W, C)`` is padded with ``pad`` zeros on each side of H and W; the ``(H, W)`` window
+  starting at row ``dy`` and column ``dx`` of the padded image is returned, flipped along W when
+  ``flip`` is true. ``(dy, dx) = (pad, pad)`` and ``flip=False`` give the image back. ``dy``, ``dx`` and
+  ``flip`` may be traced values; offsets outside ``[0, 2 * pad]`` are clamped by
+  ``lax.dynamic_slice``.
+
+  Args:
+    image: ``(H, W, C)`` array of any dtype.
+    dy: row offset in ``[0, 2 * pad]``.
+    dx: column offset in ``[0, 2 * pad]``.
+    flip: bool (scalar), mirror the crop along the width.
+    pad: zero padding on each side.
+
+  Returns:
+    An array of ``image``'s shape and dtype.
+  """
+  image = jnp.asarray(image)
+  if image.ndim != 3:
+    raise ValueError(f"crop_flip expects one (H, W, C) image, got shape {image.shape}")
+  h, w, c = image.shape
+  padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  zero = jnp.zeros((), jnp.int32)
+  out = lax.dynamic_slice(padded, (jnp.asarray(dy, jnp.int32), jnp.asarray(dx, jnp.int32), zero),
+                          (h, w, c))
+  return jnp.where(flip, out[:, ::-1, :], out)
+
+
+@functools.partial(jax.jit, static_argnames=("flip", "pad"))
+def augment(key: jax.Array, images: jax.Array, *, flip: bool = True, pad: int = 4) -> jax.Array:
+  """Per-image random crop of the zero-padded image (+ random horizontal flip), on device.
+
+  The CIFAR augmentation of the EnResNet/PGD-AT code (``RandomCrop(32, padding=4)`` and
+  ``RandomHorizontalFlip()``): each image gets its own key (``jax.random.split(key, N)``), from which
+  its offsets ``dy, dx`` are drawn uniformly from ``{0, ..., 2 * pad}`` and its flip with probability
+  1/2; then :func:`crop_flip`. Same key, same output.
+
+  Args:
+    key: a PRNG key.
+    images: ``(N, H, W, C)`` of any dtype (uint8 or float).
+    flip: also apply random horizontal flips (``False`` for digit datasets, where mirroring changes the
+      meaning).
+    pad: zero padding on each side before cropping back to ``(H, W)``.
+
+  Returns:
+    Augmented images of the same shape and dtype.
+  """
+  if images.ndim != 4:
+    raise ValueError(f"augment expects NHWC images, got shape {images.shape}")
+  if pad < 0:
+    raise ValueError(f"pad must be >= 0, got {pad}")
+
+  def one(k, image):
+    k_offset, k_flip = jax.random.split(k)
+    dy, dx = jax.random.randint(k_offset, (2,), 0, 2 * pad + 1)
+    mirror = jax.random.bernoulli(k_flip) if flip else False
+    return crop_flip(image, dy, dx, mirror, pad=pad)
+
+  return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
+
+
+def _check_nonneg_int(value, what: str, minimum: int = 0) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+
+
+def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
+                  drop_remainder: bool = True) -> np.ndarray:
+  """Example indices of every batch of one epoch, a pure function of ``(seed, epoch)``.
+
+  The order is ``np.random.default_rng((seed, epoch)).permutation(num_examples)`` (or ``arange`` when
+  ``shuffle`` is false), cut into consecutive batches, so a run resumed at ``epoch`` sees exactly the
+  batches of an uninterrupted run.
+
+  Args:
+    num_examples: dataset size.
+    batch_size: examples per batch (at most ``num_examples``).
+    seed: non-negative run seed.
+    epoch: non-negative epoch number.
+    shuffle: permute the examples (else they come in order).
+    drop_remainder: drop the last ``num_examples % batch_size`` examples of the order. If false, the
+      last batch is completed with ``-1`` entries: callers must mask them (``idx >= 0``) and gather
+      with ``np.maximum(idx, 0)``.
+
+  Returns:
+    int64 array ``(num_batches, batch_size)``.
+
+  Raises:
+    ValueError: for a non-positive size, ``batch_size > num_examples`` or negative seed/epoch.
+  """
+  _check_nonneg_int(num_examples, "num_examples", 1)
+  _check_nonneg_int(batch_size, "batch_size", 1)
+  _check_nonneg_int(seed, "seed")
+  _check_nonneg_int(epoch, "epoch")
+  if batch_size > num_examples:
+    raise ValueError(f"batch_size {batch_size} is larger than the {num_examples} examples")
+  if shuffle:
+    order = np.random.default_rng((int(seed), int(epoch))).permutation(num_examples)
+  else:
+    order = np.arange(num_examples)
+  order = order.astype(np.int64)
+  num_full = num_examples // batch_size
+  if drop_remainder or num_examples % batch_size == 0:
+    return order[:num_full * batch_size].reshape(num_full, batch_size)
+  padded = np.full(((num_full + 1) * batch_size,), -1, np.int64)
+  padded[:num_examples] = order
+  return padded.reshape(num_full + 1, batch_size)
+
+
+def class_counts(labels, num_classes: int) -> np.ndarray:
+  """Number of examples of each class.
+
+  Args:
+    labels: integer labels (any shape).
+    num_classes: number of classes.
+
+  Returns:
+    int64 array ``(num_classes,)``.
+
+  Raises:
+    ValueError: a label outside ``[0, num_classes)`` or a non-integer array.
+  """
+  _check_nonneg_int(num_classes, "num_classes", 1)
+  labels = np.asarray(labels).reshape(-1)
+  if labels.size and not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+  _check_labels(labels, 0, num_classes - 1, "class_counts")
+  return np.bincount(labels.astype(np.int64), minlength=num_classes).astype(np.int64)

@@ -1,0 +1,144 @@
+"""Training objectives: natural CE, PGD-AT, the paper's trade-off loss (6) and TRADES (5).
+
+A training objective is split in two pure functions so the train step can craft adversarial examples
+*outside* the parameter gradient:
+
+* ``perturb(model, variables, x, y, key) -> x_adv`` (or ``None`` for natural training) crafts x' with
+  BatchNorm in inference mode (the model's running statistics), at the weights the model runs with (the
+  relaxed weights u under Binary-Relax);
+* ``loss(model, params, batch_stats, x, x_adv, y, key) -> (loss, (new_batch_stats, metrics))`` is
+  differentiated with respect to ``params``; forward passes run in training mode. When a loss uses both x and
+  x', the two passes run one after the other and the BatchNorm running statistics are updated by both, as in
+  the TRADES reference code.
+
+References:
+  Madry et al. Towards Deep Learning Models Resistant to Adversarial Attacks. ICLR 2018.
+  Zhang et al. Theoretically Principled Trade-off between Robustness and Accuracy (TRADES). ICML 2019.
+  Li, Wang, Xin. An Integrated Approach to Produce Robust Models with High Efficiency (loss (6)).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from enquant import attacks
+
+LOSSES = ("natural", "at", "tradeoff", "trades")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Which objective and how its adversarial examples are made.
+
+  Attributes:
+    kind: "natural" | "at" (CE on x') | "tradeoff" (alpha*CE(f(x),y) + beta*CE(f(x'),y)) |
+      "trades" (CE(f(x),y) + beta*KL(f(x) || f(x'))).
+    alpha: weight of the natural term of the trade-off loss (6).
+    beta: weight of the robust term of (6), or TRADES' beta.
+    eps: l_inf radius of the training attack.
+    step_size: its step size.
+    steps: its number of steps.
+    random_start: uniform random start of the PGD attack (at, tradeoff).
+  """
+
+  kind: str = "natural"
+  alpha: float = 1.0
+  beta: float = 8.0
+  eps: float = 8 / 255
+  step_size: float = 2 / 255
+  steps: int = 10
+  random_start: bool = True
+
+  def __post_init__(self):
+    if self.kind not in LOSSES:
+      raise ValueError(f"loss must be one of {LOSSES}, got {self.kind!r}")
+    if self.alpha < 0 or self.beta < 0:
+      raise ValueError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
+    if self.kind == "tradeoff" and self.alpha == 0 and self.beta == 0:
+      raise ValueError("tradeoff loss needs alpha > 0 or beta > 0")
+    if self.kind != "natural":
+      if not 0 < self.eps <= 1:
+        raise ValueError(f"train eps must be in (0, 1], got {self.eps}")
+      if self.step_size <= 0 or self.steps < 1:
+        raise ValueError(f"train attack needs step_size > 0 and steps >= 1, got "
+                         f"{self.step_size}, {self.steps}")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+  """Mean over the batch of KL(softmax(p) || softmax(q))."""
+  p_log = jax.nn.log_softmax(p_logits)
+  q_log = jax.nn.log_softmax(q_logits)
+  return jnp.mean(jnp.sum(jnp.exp(p_log) * (p_log - q_log), axis=-1))
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def trades_attack(logits_fn, x, *, eps, step_size, steps, key, unroll=True):
+  """TRADES' inner maximisation: sign-gradient ascent on KL(f(x) || f(x')) from x + 0.001*N(0, I)."""
+  k_init, k_loop = jax.random.split(key)
+  clean = jax.lax.stop_gradient(logits_fn(x, k_init))
+
+  def kl_sum(xa, k):  # the batch sum, so each example's ascent direction is its own KL gradient
+    return x.shape[0] * kl_divergence(clean, logits_fn(xa, k))
+
+  def step(i, xa):
+    g = jax.grad(kl_sum)(xa, jax.random.fold_in(k_loop, i))
+    xa = xa + step_size * jnp.sign(g)
+    return jnp.clip(jnp.clip(xa, x - eps, x + eps), 0.0, 1.0)
+
+  x0 = jnp.clip(x + 0.001 * jax.random.normal(k_init, x.shape, x.dtype), 0.0, 1.0)
+  return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, step, x0, unroll=unroll))
+
+
+def make_objective(cfg: LossConfig) -> tuple[Callable | None, Callable]:
+  """``(perturb, loss)`` for a :class:`LossConfig` (see the module docstring for the signatures)."""
+
+  def forward(model, params, batch_stats, x, key):
+    return model.apply({"params": params, "batch_stats": batch_stats}, x, key, train=True)
+
+  def perturb(model, variables, x, y, key):
+    frozen = jax.lax.stop_gradient(variables)
+    logits_fn = model.logits_fn(frozen)
+    if cfg.kind == "trades":
+      return trades_attack(logits_fn, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                           key=key)
+    return attacks.pgd(logits_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                       key=key, random_start=cfg.random_start)
+
+  def loss(model, params, batch_stats, x, x_adv, y, key):
+    k_nat, k_adv = jax.random.split(key)
+    metrics: dict[str, Any] = {}
+    total = 0.0
+    need_natural = cfg.kind in ("natural", "trades") or (cfg.kind == "tradeoff" and cfg.alpha > 0)
+    if need_natural:
+      nat_logits, batch_stats = forward(model, params, batch_stats, x, k_nat)
+      nat_ce = cross_entropy(nat_logits, y)
+      metrics.update(nat_loss=nat_ce, nat_acc=accuracy(nat_logits, y))
+    if cfg.kind == "natural":
+      total = nat_ce
+    else:
+      adv_logits, batch_stats = forward(model, params, batch_stats, x_adv, k_adv)
+      adv_ce = cross_entropy(adv_logits, y)
+      metrics.update(adv_loss=adv_ce, adv_acc=accuracy(adv_logits, y))
+      if cfg.kind == "at":
+        total = adv_ce
+      elif cfg.kind == "tradeoff":
+        total = cfg.beta * adv_ce + (cfg.alpha * nat_ce if need_natural else 0.0)
+      else:  # trades
+        kl = kl_divergence(nat_logits, adv_logits)
+        metrics.update(kl=kl)
+        total = nat_ce + cfg.beta * kl
+    metrics["loss"] = total
+    return total, (batch_stats, metrics)
+
+  return (None if cfg.kind == "natural" else perturb), loss

@@ -1,0 +1,125 @@
+"""En_n ResNet: n members with stacked parameters, applied with ``jax.vmap``, logits averaged.
+
+Every leaf of the variables carries a leading member axis of size n (n = 1 for a single ResNet), so one
+pytree holds the whole ensemble, the optimizer and the quantizer see ordinary arrays, and the forward is one
+vectorised computation. The forward is a pure function of ``(variables, x, key, train)``; the key drives the
+EnResNet noise and is split into one independent key per member.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from enquant.models import resnet
+
+Variables = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """What defines an EnResNet; plain data (goes into ``config.json``).
+
+  Attributes:
+    num_classes: classes of the dataset.
+    depth: 6n+2 depth (20, 32, 44, 56, 110); ignored when ``stages`` is given.
+    stages: explicit blocks per stage, overriding ``depth``.
+    widths: stem/stage channels (16, 32, 64 in the paper; tiny tests use 4-8).
+    noise_coef: EnResNet noise coefficient (0.1 in the paper; 0 gives a deterministic ResNet).
+    ensembles: number of members n of En_n.
+  """
+
+  num_classes: int = 10
+  depth: int = 20
+  stages: tuple[int, ...] | None = None
+  widths: tuple[int, ...] = (16, 32, 64)
+  noise_coef: float = 0.1
+  ensembles: int = 1
+
+  def __post_init__(self):
+    if self.num_classes < 2:
+      raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+    if self.ensembles < 1:
+      raise ValueError(f"ensembles must be >= 1, got {self.ensembles}")
+    if self.noise_coef < 0 or not math.isfinite(self.noise_coef):
+      raise ValueError(f"noise_coef must be a finite number >= 0, got {self.noise_coef}")
+    if any(w < 1 for w in self.widths) or len(self.widths) != len(self.block_stages):
+      raise ValueError(f"widths must be {len(self.block_stages)} positive ints, got {self.widths}")
+
+  @property
+  def block_stages(self) -> tuple[int, ...]:
+    if self.stages is not None:
+      if not self.stages or any(s < 1 for s in self.stages):
+        raise ValueError(f"stages must be positive block counts, got {self.stages}")
+      return tuple(self.stages)
+    return resnet.stages_for_depth(self.depth)
+
+  @property
+  def name(self) -> str:
+    depth = 2 + 2 * sum(self.block_stages)
+    base = f"ResNet{depth}"
+    return f"En{self.ensembles}{base}" if self.noise_coef else (
+        base if self.ensembles == 1 else f"{self.ensembles}x{base}")
+
+  def member(self, mid_widths=None) -> resnet.ResNet:
+    return resnet.ResNet(num_classes=self.num_classes, stages=self.block_stages,
+                         widths=tuple(self.widths), noise_coef=self.noise_coef,
+                         mid_widths=mid_widths)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnResNet:
+  """Functional handle on an En_n ResNet: ``init`` and ``apply`` over stacked variables."""
+
+  config: ModelConfig
+
+  @property
+  def members(self) -> int:
+    return self.config.ensembles
+
+  def init(self, key: jax.Array, sample_x: jax.Array) -> Variables:
+    """Stacked variables ``{"params", "batch_stats"}``; member i is initialised from ``split(key)[i]``."""
+    module = self.config.member()
+
+    def init_one(k):
+      param_key, noise_key = jax.random.split(k)
+      return module.init({"params": param_key, "noise": noise_key}, sample_x[:1], train=False)
+
+    return jax.jit(jax.vmap(init_one))(jax.random.split(key, self.members))
+
+  def apply(self, variables: Variables, x: jax.Array, key: jax.Array, train: bool = False):
+    """Averaged logits of the members.
+
+    Args:
+      variables: stacked ``{"params": ..., "batch_stats": ...}``.
+      x: float32 images in [0, 1], NHWC.
+      key: noise key (split into one per member; ignored when ``noise_coef == 0``).
+      train: BatchNorm uses batch statistics and updates its running averages.
+
+    Returns:
+      ``logits`` when ``train`` is False; ``(logits, new_batch_stats)`` when True.
+    """
+    module = self.config.member()
+    keys = jax.random.split(key, self.members)
+
+    def apply_one(v, k):
+      if train:
+        return module.apply(v, x, train=True, rngs={"noise": k}, mutable=["batch_stats"])
+      return module.apply(v, x, train=False, rngs={"noise": k})
+
+    out = jax.vmap(apply_one)(variables, keys)
+    if train:
+      logits, updates = out
+      return jnp.mean(logits, axis=0), updates["batch_stats"]
+    return jnp.mean(out, axis=0)
+
+  def logits_fn(self, variables: Variables):
+    """``(x, key) -> logits`` in inference mode (BatchNorm running averages): what attacks see."""
+    return lambda x, key: self.apply(variables, x, key, train=False)
+
+
+def count_params(params) -> int:
+  """Number of scalars in a parameter pytree (all members of a stacked ensemble)."""
+  return sum(int(p.size) for p in jax.tree.leaves(params))

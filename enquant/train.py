@@ -1,0 +1,214 @@
+"""Train state, the jitted data-parallel train step and the epoch loop.
+
+Data parallelism uses ``jax.jit`` with a one-axis :class:`jax.sharding.Mesh` over all local devices: the
+batch is sharded along ``"data"``, the state is replicated, and XLA inserts the gradient all-reduce. Unlike
+``pmap`` this keeps *global* semantics: BatchNorm statistics and EnResNet's noise std are computed over the
+whole batch exactly as on one device (so the 2-device step equals the 1-device step), the same code runs on 1
+or N devices (CPU, GPU, TPU) without ``pmean`` plumbing, and the state needs no per-device copies.
+"""
+
+from collections.abc import Callable
+import time
+from typing import Any, NamedTuple
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from enquant import data as data_lib
+from enquant import quant
+from enquant.config import QuantConfig, TrainConfig
+from enquant.models.ensemble import EnResNet
+
+
+class TrainState(NamedTuple):
+  """Everything a step needs; one pytree (checkpointed whole).
+
+  Attributes:
+    step: number of optimizer steps done (int32).
+    params: the weights the model runs with (the relaxed weights u under Binary-Relax).
+    batch_stats: BatchNorm running statistics.
+    opt_state: optimizer state (holds the float weights w under Binary-Relax).
+    key: the run's root PRNG key; step ``t`` uses ``fold_in(key, t)``.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  key: jax.Array
+
+
+def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+  total = cfg.epochs * steps_per_epoch
+  if cfg.lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(cfg.lr, total)
+  if cfg.lr_schedule == "constant":
+    return optax.constant_schedule(cfg.lr)
+  boundaries = {int(round(m * cfg.epochs)) * steps_per_epoch: cfg.lr_decay for m in cfg.milestones}
+  return optax.piecewise_constant_schedule(cfg.lr, boundaries)
+
+
+def projection_for(qcfg: QuantConfig) -> Callable:
+  """Per-member projection onto the quantized set (stacked ensemble parameters)."""
+  return quant.per_member(quant.make_projection(qcfg.bits, ternary_method=qcfg.ternary_method))
+
+
+def make_optimizer(cfg: TrainConfig, qcfg: QuantConfig, steps_per_epoch: int):
+  """SGD (Nesterov) + weight decay, wrapped by Binary-Relax / Binary-Connect when quantizing.
+
+  Returns:
+    ``(tx, schedule)``.
+  """
+  schedule = learning_rate_schedule(cfg, steps_per_epoch)
+  inner = optax.chain(
+      optax.add_decayed_weights(cfg.weight_decay),
+      optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.momentum > 0),
+  )
+  if not qcfg.enabled:
+    return inner, schedule
+  projection = projection_for(qcfg)
+  if qcfg.mode == "bc":
+    return quant.binary_connect(inner, projection), schedule
+  relax_steps = int(round(qcfg.relax_fraction * cfg.epochs)) * steps_per_epoch
+  growth_every = max(1, int(round(qcfg.growth_every_epochs * steps_per_epoch)))
+  tx = quant.binary_relax(inner, projection, lambda0=qcfg.lambda0, growth=qcfg.growth,
+                          growth_every=growth_every, relax_steps=relax_steps)
+  return tx, schedule
+
+
+def create_train_state(model: EnResNet, tx: optax.GradientTransformation, key: jax.Array,
+                       sample_x: jax.Array) -> TrainState:
+  init_key, run_key = jax.random.split(key)
+  variables = model.init(init_key, sample_x)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables["batch_stats"], opt_state=tx.init(params), key=run_key)
+
+
+def data_mesh(devices=None) -> Mesh:
+  """A one-axis ("data") mesh over ``devices`` (default: all local devices)."""
+  devices = list(devices) if devices is not None else jax.local_devices()
+  return Mesh(np.array(devices), ("data",))
+
+
+def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+  """``(replicated, batch-sharded)`` shardings of ``mesh``."""
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ValueError(f"batch_size {batch_size} must be divisible by the number of devices ({n})")
+
+
+def make_train_step(model: EnResNet, tx: optax.GradientTransformation, objective, *,
+                    augment: bool, mesh: Mesh):
+  """The jitted data-parallel step ``(state, images_uint8, labels) -> (state, metrics)``.
+
+  Args:
+    model: the ensemble.
+    tx: the optimizer (possibly Binary-Relax-wrapped: gradients are taken at the params u, the update moves
+      the float weights w inside the optimizer state, and the params become exactly the new u).
+    objective: ``(perturb, loss)`` from :func:`enquant.losses.make_objective`.
+    augment: pad-4 random crop + horizontal flip on the device.
+    mesh: devices to shard the batch over.
+  """
+  perturb, loss_fn = objective
+  repl, batch = shardings(mesh)
+
+  def step(state: TrainState, images, labels):
+    key = jax.random.fold_in(state.key, state.step)
+    k_aug, k_adv, k_fwd = jax.random.split(key, 3)
+    x = data_lib.to_float(images)
+    if augment:
+      x = data_lib.augment(k_aug, x)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    x_adv = perturb(model, variables, x, labels, k_adv) if perturb is not None else None
+
+    def objective_at(params):
+      return loss_fn(model, params, state.batch_stats, x, x_adv, labels, k_fwd)
+
+    (_, (batch_stats, metrics)), grads = jax.value_and_grad(objective_at, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = quant.snap_params(optax.apply_updates(state.params, updates), opt_state)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                           opt_state=opt_state, key=state.key)
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(repl, batch, batch), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+
+def eval_params(state: TrainState, qcfg: QuantConfig):
+  """The weights to evaluate/export: P(w) of the float weights for quantized runs, else the params."""
+  if not qcfg.enabled:
+    return state.params
+  return quant.quantized(state.opt_state, projection_for(qcfg))
+
+
+def make_eval_step(model: EnResNet, mesh: Mesh):
+  """Jitted ``(variables, images_uint8, labels, mask, key) -> number correct`` (inference mode)."""
+  repl, batch = shardings(mesh)
+
+  def count(variables, images, labels, mask, key):
+    logits = model.apply(variables, data_lib.to_float(images), key, train=False)
+    return jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+
+  return jax.jit(count, in_shardings=(repl, batch, batch, batch, repl), out_shardings=repl)
+
+
+def natural_accuracy(eval_step, variables, images: np.ndarray, labels: np.ndarray, *,
+                     batch_size: int, key: jax.Array, mesh: Mesh) -> float:
+  """Accuracy over all of ``images`` (last batch padded and masked: one compilation)."""
+  _, batch = shardings(mesh)
+  correct = 0
+  n = len(images)
+  for i, start in enumerate(range(0, n, batch_size)):
+    idx = np.arange(start, start + batch_size)
+    mask = idx < n
+    idx = np.minimum(idx, n - 1)
+    put = lambda a: jax.device_put(a, batch)
+    correct += int(eval_step(variables, put(images[idx]), put(labels[idx]),
+                             put(mask.astype(np.int32)), jax.random.fold_in(key, i)))
+  return correct / n
+
+
+def run_epochs(train_step, state: TrainState, images: np.ndarray, labels: np.ndarray, *,
+               cfg: TrainConfig, mesh: Mesh, start_epoch: int, stop_epoch: int,
+               on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
+               progress: bool = True) -> TrainState:
+  """Trains epochs ``start_epoch .. stop_epoch - 1``.
+
+  Batches come from :func:`enquant.data.epoch_batches` seeded by ``(cfg.seed, epoch)`` and the step keys from
+  the state, so a run resumed from the checkpoint of epoch k continues exactly as if never stopped.
+  ``on_epoch_end(epoch, state, train_metrics)`` runs after each epoch (evaluation, logging, checkpoint).
+  """
+  check_batch(cfg.batch_size, mesh)
+  _, batch = shardings(mesh)
+  for epoch in range(start_epoch, stop_epoch):
+    order = data_lib.epoch_batches(len(images), cfg.batch_size, seed=cfg.seed, epoch=epoch)
+    sums: dict[str, float] = {}
+    t0 = time.perf_counter()
+    bar = tqdm.tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                    leave=False, dynamic_ncols=True)
+    for i, idx in enumerate(bar):
+      state, metrics = train_step(state, jax.device_put(images[idx], batch),
+                                  jax.device_put(labels[idx], batch))
+      metrics = jax.device_get(metrics)
+      for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      if progress and (i % 10 == 0 or i == len(order) - 1):
+        bar.set_postfix({k: f"{v / (i + 1):.3f}" for k, v in sums.items()
+                         if k in ("loss", "nat_acc", "adv_acc")})
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    train_metrics = {f"train_{k}": v / len(order) for k, v in sums.items()}
+    train_metrics.update(epoch_seconds=elapsed, images_per_second=len(order) * cfg.batch_size / elapsed)
+    if on_epoch_end is not None:
+      on_epoch_end(epoch, state, train_metrics)
+  return state

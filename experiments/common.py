@@ -1,0 +1,139 @@
+"""Flags shared by every experiment, and the flags -> config -> train_and_evaluate glue.
+
+Example::
+
+    python -m experiments.cifar10 --ensembles=5 --quant=br --bits=1 --loss=tradeoff --alpha=1 --beta=8
+    python -m experiments.mnist --quick --workdir=/tmp/mnist_quick
+"""
+
+import os
+import sys
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+# Model.
+flags.DEFINE_integer("ensembles", 1, "Members n of the En_n ResNet ensemble.")
+flags.DEFINE_integer("depth", 20, "ResNet depth 6n+2 (20, 32, 44, 56, 110).")
+flags.DEFINE_list("stages", None, "Explicit blocks per stage, e.g. 5,5,5 (overrides --depth).")
+flags.DEFINE_integer("width", 16, "Base width; the stages use width, 2*width, 4*width.")
+flags.DEFINE_float("noise_coef", 0.1, "EnResNet noise coefficient (0: a plain deterministic ResNet).")
+# Optimisation.
+flags.DEFINE_integer("epochs", 200, "Training epochs.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size (split over all local devices).")
+flags.DEFINE_float("lr", 0.1, "Peak learning rate.")
+flags.DEFINE_enum("lr_schedule", "multistep", ["multistep", "cosine", "constant"], "LR schedule.")
+flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation, batches, augmentation, noise and attacks.")
+flags.DEFINE_enum("augment", "auto", ["auto", "on", "off"], "Random crop + flip (auto: 32x32 sets).")
+# Data.
+flags.DEFINE_string("data_dir", None, "Folder with the official dataset files (default: "
+                    "$ENQUANT_DATA_DIR, ../shared/data beside the repo, or ~/.enquant/data).")
+flags.DEFINE_enum("data_source", "auto", ["auto", "local", "tfds", "embedded"], "Where data comes from.")
+flags.DEFINE_integer("max_train", 0, "Use only the first N training images (0: all).")
+flags.DEFINE_integer("max_test", 0, "Use only the first N test images (0: all).")
+# Quantization.
+flags.DEFINE_enum("quant", "float", ["float", "bc", "br"], "Weight quantization of conv kernels.")
+flags.DEFINE_integer("bits", 1, "1 binary, 2 ternary, 4 four-bit.")
+flags.DEFINE_enum("ternary_method", "exact", ["exact", "twn", "br"], "Ternary projection.")
+flags.DEFINE_float("br_lambda0", 1.0, "Binary-Relax initial lambda.")
+flags.DEFINE_float("br_growth", 1.05, "Binary-Relax lambda growth rate.")
+flags.DEFINE_float("br_growth_every", 1.0, "Grow lambda every this many epochs.")
+flags.DEFINE_float("br_relax_fraction", 0.4, "Fraction of epochs relaxed before Binary-Connect.")
+# Loss.
+flags.DEFINE_enum("loss", "natural", ["natural", "at", "tradeoff", "trades"], "Training objective.")
+flags.DEFINE_float("alpha", 1.0, "Trade-off loss (6): weight of the natural CE.")
+flags.DEFINE_float("beta", 8.0, "Trade-off loss (6) weight of the adversarial CE / TRADES beta.")
+flags.DEFINE_float("train_eps", 8 / 255, "Training attack l_inf radius.")
+flags.DEFINE_float("train_step_size", 2 / 255, "Training attack step size.")
+flags.DEFINE_integer("train_steps", 10, "Training attack steps.")
+# Evaluation.
+flags.DEFINE_string("attacks", "fgsm,ifgsm20,cw50", "Final evaluation attacks (comma-separated).")
+flags.DEFINE_float("eval_eps", 8 / 255, "Evaluation attack l_inf radius.")
+flags.DEFINE_integer("eval_max", 1000, "Robust evaluation on the first N test images (0: all).")
+flags.DEFINE_integer("eval_seed", 1234, "Key of the (randomized) evaluation.")
+# Run.
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>-<model>-<quant>-<loss>-s<seed>).")
+flags.DEFINE_bool("quick", False, "Shrink everything for a CPU smoke run.")
+flags.DEFINE_bool("overwrite", False, "Replace a finished run in --workdir.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def config_from_flags(dataset: str):
+  """Builds the :class:`ExperimentConfig` (raises ValueError on bad values)."""
+  from enquant import config as config_lib  # pylint: disable=g-import-not-at-top
+  from enquant import data as data_lib  # pylint: disable=g-import-not-at-top
+  from enquant.losses import LossConfig  # pylint: disable=g-import-not-at-top
+  from enquant.models import ModelConfig  # pylint: disable=g-import-not-at-top
+
+  if FLAGS.width < 1:
+    raise ValueError(f"--width must be >= 1, got {FLAGS.width}")
+  try:
+    stages = tuple(int(s) for s in FLAGS.stages) if FLAGS.stages else None
+  except ValueError as e:
+    raise ValueError(f"--stages must be integers, got {FLAGS.stages}") from e
+  cfg = config_lib.ExperimentConfig(
+      dataset=dataset, data_dir=FLAGS.data_dir, data_source=FLAGS.data_source,
+      max_train=FLAGS.max_train, max_test=FLAGS.max_test,
+      model=ModelConfig(num_classes=data_lib.DATASETS[dataset].num_classes, depth=FLAGS.depth,
+                        stages=stages, widths=(FLAGS.width, 2 * FLAGS.width, 4 * FLAGS.width),
+                        noise_coef=FLAGS.noise_coef, ensembles=FLAGS.ensembles),
+      train=config_lib.TrainConfig(
+          epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
+          lr_schedule=FLAGS.lr_schedule, weight_decay=FLAGS.weight_decay, seed=FLAGS.seed,
+          augment={"auto": None, "on": True, "off": False}[FLAGS.augment]),
+      loss=LossConfig(kind=FLAGS.loss, alpha=FLAGS.alpha, beta=FLAGS.beta, eps=FLAGS.train_eps,
+                      step_size=FLAGS.train_step_size, steps=FLAGS.train_steps),
+      quant=config_lib.QuantConfig(
+          mode=FLAGS.quant, bits=FLAGS.bits, ternary_method=FLAGS.ternary_method,
+          lambda0=FLAGS.br_lambda0, growth=FLAGS.br_growth, growth_every_epochs=FLAGS.br_growth_every,
+          relax_fraction=FLAGS.br_relax_fraction),
+      eval=config_lib.EvalConfig(attacks=FLAGS.attacks, eps=FLAGS.eval_eps, max_examples=FLAGS.eval_max,
+                                 seed=FLAGS.eval_seed),
+  )
+  if FLAGS.quick:
+    cfg = config_lib.quick(cfg)
+  if FLAGS.eval_max < 0 or FLAGS.max_train < 0 or FLAGS.max_test < 0:
+    raise ValueError("--eval_max, --max_train and --max_test must be >= 0")
+  if not 0 < FLAGS.eval_eps <= 1:
+    raise ValueError(f"--eval_eps must be in (0, 1], got {FLAGS.eval_eps}")
+  return cfg
+
+
+def default_workdir(cfg) -> str:
+  q = cfg.quant
+  quant = "float" if not q.enabled else f"{q.mode}{q.bits}b"
+  return os.path.join("runs", f"{cfg.dataset}-{cfg.model.name}-{quant}-{cfg.loss.kind}-s{cfg.train.seed}"
+                      + ("-quick" if FLAGS.quick else ""))
+
+
+def run(dataset: str) -> None:
+  """Entry point body shared by every dataset: exits non-zero with one clear line on bad input."""
+  from enquant import pipeline  # pylint: disable=g-import-not-at-top
+
+  try:
+    cfg = config_from_flags(dataset)
+    workdir = FLAGS.workdir or default_workdir(cfg)
+    results = pipeline.train_and_evaluate(cfg, workdir, progress=FLAGS.progress,
+                                          overwrite=FLAGS.overwrite)
+  except (ValueError, FileNotFoundError, pipeline.RunExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"results written to {os.path.join(workdir, 'results.json')}")
+  return results
+
+
+def main_for(dataset: str):
+  """An absl ``main`` for ``dataset``."""
+
+  def main(argv):
+    if len(argv) > 1:
+      print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+      sys.exit(2)
+    run(dataset)
+
+  return main
+
+
+__all__ = ["config_from_flags", "main_for", "run"]

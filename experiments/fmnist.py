@@ -1,0 +1,8 @@
+"""Train and evaluate an (En)ResNet on fmnist: `python -m experiments.fmnist --help`."""
+
+from absl import app
+
+from experiments import common
+
+if __name__ == "__main__":
+  app.run(common.main_for("fmnist"))

@@ -1,0 +1,226 @@
+"""Evaluation on hand-made models whose natural and robust predictions are known exactly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from enquant import evaluate as ev
+
+EPS = 0.1
+SCALE = 10.0
+# One informative pixel p = x[0, 0, 0]; class 1 iff p > 0.5. An eps = 0.1 attack flips exactly the
+# correctly classified examples with |p - 0.5| < 0.1 and cannot repair the misclassified ones.
+PIXELS_UINT8 = np.array([13, 77, 115, 140, 179, 242, 107], np.uint8)  # /255: .05 .30 .45 .55 .70 .95 .42
+LABELS = np.array([0, 0, 0, 1, 1, 0, 1], np.int32)
+NATURAL = 5 / 7  # all but .95 (label 0) and .42 (label 1)
+ROBUST = 3 / 7  # .05, .30, .70: at least 0.1 from the boundary
+
+
+def _images_uint8():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (7, 2, 2, 1), dtype=np.uint8)  # the other pixels are ignored
+  images[:, 0, 0, 0] = PIXELS_UINT8
+  return images
+
+
+def _pixel_logits(p, sign=1.0):
+  """Three classes (class 2 never wins), so the DLR loss is defined."""
+  z = sign * SCALE * (p - 0.5)
+  return jnp.stack([-z, z, jnp.full_like(z, -2.0)], axis=-1)
+
+
+def pixel_model(x, key):
+  del key
+  return _pixel_logits(x[:, 0, 0, 0])
+
+
+def flipped_model(x, key):
+  """Predicts the opposite class: its adversarial directions push the pixel model's examples away."""
+  del key
+  return _pixel_logits(x[:, 0, 0, 0], sign=-1.0)
+
+
+def noisy_model(x, key):
+  return _pixel_logits(x[:, 0, 0, 0]) + 3.0 * jax.random.normal(key, (x.shape[0], 3))
+
+
+SPECS = ev.parse_attacks("none,fgsm,pgd20,cw50,apgd-ce20,apgd-dlr20", eps=EPS)
+
+
+@pytest.fixture(scope="module")
+def white_box():
+  return ev.evaluate(pixel_model, _images_uint8(), LABELS, SPECS, batch_size=4, key=jax.random.key(0),
+                     progress=False)
+
+
+def test_accuracies_of_a_model_with_known_predictions(white_box):
+  assert white_box["n"] == 7  # the padded last batch (3 of 4) is counted once
+  assert white_box["natural"] == pytest.approx(NATURAL)
+  assert white_box["none"] == pytest.approx(NATURAL)
+  for name in ("fgsm", "pgd20", "cw50", "apgd-ce20", "apgd-dlr20"):
+    assert white_box[name] == pytest.approx(ROBUST), name
+  assert set(white_box) == {"natural", "n", *(s.name for s in SPECS)}
+
+
+def test_float_images_and_any_batch_size_give_the_same_numbers(white_box):
+  images = _images_uint8().astype(np.float32) / 255.0
+  got = ev.evaluate(pixel_model, images, LABELS, SPECS[:2], batch_size=3, key=jax.random.key(0),
+                    progress=False)
+  assert got == {k: white_box[k] for k in ("natural", "none", "fgsm", "n")}
+
+
+def test_transfer_from_an_oracle_with_opposite_gradients():
+  # The flipped oracle pushes every example away from the pixel model's boundary: the correct ones stay
+  # correct and .42 (label 1) is moved to .52, which the target now classifies correctly.
+  got = ev.transfer(flipped_model, pixel_model, _images_uint8(), LABELS, SPECS[1:3], batch_size=4,
+                    key=jax.random.key(0), progress=False)
+  assert got == {"natural": pytest.approx(NATURAL), "fgsm": pytest.approx(6 / 7),
+                 "pgd20": pytest.approx(6 / 7), "n": 7}
+
+
+# --------------------------------------------------------------------------------------------------
+# Randomized model: reproducible keys, restarts, transfer == white box
+# --------------------------------------------------------------------------------------------------
+
+N_NOISY = 24
+NOISY_SPECS = ev.parse_attacks("none-r3,pgd3-eot2", eps=EPS)
+
+
+def _noisy_data():
+  rng = np.random.default_rng(1)
+  images = rng.uniform(0.0, 1.0, (N_NOISY, 2, 2, 1)).astype(np.float32)
+  labels = (images[:, 0, 0, 0] > 0.5).astype(np.int32)
+  return images, labels
+
+
+@pytest.fixture(scope="module")
+def noisy_runs():
+  images, labels = _noisy_data()
+  run = lambda key: ev.evaluate(noisy_model, images, labels, NOISY_SPECS, batch_size=8, key=key,
+                                progress=False)
+  return run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+
+
+def test_randomized_model_is_reproducible_with_the_same_key(noisy_runs):
+  first, again, other = noisy_runs
+  assert first == again
+  assert first != other  # a different key draws different noise (checked for these two keys)
+  assert 0.0 < first["natural"] < 1.0
+
+
+def test_natural_and_restarts_follow_the_documented_key_derivation(noisy_runs):
+  """Recomputes "natural" and "none-r3" (3 noise draws, robust only if correct on all) by hand."""
+  images, labels = _noisy_data()
+  key = jax.random.key(1)
+  natural = robust = 0
+  stream = ev._stream("none-r3")  # pylint: disable=protected-access
+  for b in range(N_NOISY // 8):
+    x, y = jnp.asarray(images[8 * b:8 * b + 8]), labels[8 * b:8 * b + 8]
+    batch_key = jax.random.fold_in(key, b)
+    natural += np.sum(np.argmax(noisy_model(x, jax.random.fold_in(batch_key, 0)), -1) == y)
+    ok = np.ones(8, bool)
+    for r in range(3):
+      _, eval_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(batch_key, stream), r))
+      ok &= np.argmax(noisy_model(x, eval_key), -1) == y
+    robust += ok.sum()
+  first = noisy_runs[0]
+  assert first["natural"] == pytest.approx(natural / N_NOISY)
+  assert first["none-r3"] == pytest.approx(robust / N_NOISY)
+  assert first["none-r3"] < first["natural"]  # three draws must all be right: strictly harder here
+
+
+def test_transfer_with_oracle_equal_to_target_is_the_white_box_evaluation(noisy_runs):
+  images, labels = _noisy_data()
+  got = ev.transfer(noisy_model, noisy_model, images, labels, NOISY_SPECS, batch_size=8,
+                    key=jax.random.key(1), progress=False)
+  assert got == noisy_runs[0]
+
+
+def test_partial_logits_fn_reuses_the_compiled_attack_for_new_weights():
+  def apply(sign, x, key):
+    del key
+    return _pixel_logits(x[:, 0, 0, 0], sign=sign)
+
+  images = _images_uint8()
+  spec = SPECS[1:2]  # fgsm
+  a = ev.evaluate(jax.tree_util.Partial(apply, jnp.float32(1.0)), images, LABELS, spec, batch_size=4,
+                  key=jax.random.key(0), progress=False)
+  size = ev._spec_correct._cache_size()  # pylint: disable=protected-access
+  b = ev.evaluate(jax.tree_util.Partial(apply, jnp.float32(-1.0)), images, LABELS, spec, batch_size=4,
+                  key=jax.random.key(0), progress=False)
+  assert ev._spec_correct._cache_size() == size  # pylint: disable=protected-access
+  assert a["natural"] == pytest.approx(NATURAL) and a["fgsm"] == pytest.approx(ROBUST)
+  # flipped: correct on .95 (label 0, 0.45 from the boundary: robust) and .42 (label 1, 0.08: not)
+  assert b["natural"] == pytest.approx(2 / 7) and b["fgsm"] == pytest.approx(1 / 7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Specs, presets, entries, errors
+# --------------------------------------------------------------------------------------------------
+
+
+def test_parse_attacks_short_names():
+  specs = ev.parse_attacks("fgsm, PGD20 ,cw50,pgd20-eot10,apgd-ce,apgd-dlr50-r3,pgd7-rs,a2-eot4",
+                           eps=0.031)
+  by_name = {s.name: s for s in specs}
+  assert list(by_name) == ["fgsm", "pgd20", "cw50", "pgd20-eot10", "apgd-ce", "apgd-dlr50-r3", "pgd7-rs",
+                           "A2-eot4"]
+  assert by_name["fgsm"] == ev.AttackSpec("fgsm", "fgsm", eps=0.031)
+  assert by_name["pgd20"] == ev.AttackSpec("pgd20", "pgd", eps=0.031, step_size=0.031 * 0.003 / 0.031,
+                                           steps=20)
+  assert by_name["pgd20"].step_size == pytest.approx(0.003)
+  assert by_name["cw50"].kind == "cw" and by_name["cw50"].steps == 50 and by_name["cw50"].kappa == 50.0
+  assert by_name["pgd20-eot10"].eot_samples == 10 and not by_name["pgd20-eot10"].random_start
+  assert by_name["apgd-ce"].steps == 100 and by_name["apgd-ce"].random_start
+  assert (by_name["apgd-dlr50-r3"].kind, by_name["apgd-dlr50-r3"].steps,
+          by_name["apgd-dlr50-r3"].restarts) == ("apgd-dlr", 50, 3)
+  assert by_name["pgd7-rs"].random_start and by_name["pgd7-rs"].restarts == 1
+  assert by_name["A2-eot4"].steps == 20 and by_name["A2-eot4"].eot_samples == 4
+  assert by_name["fgsm"].to_dict() == {
+      "name": "fgsm", "kind": "fgsm", "eps": 0.031, "step_size": 0.0, "steps": 0,
+      "random_start": False, "restarts": 1, "eot_samples": 1, "kappa": 0.0}
+
+
+def test_paper_presets_scale_the_step_with_eps():
+  a1, a2, a3 = ev.paper_specs()
+  assert (a1.kind, a1.eps) == ("fgsm", 0.031)
+  assert (a2.kind, a2.steps, a2.random_start) == ("pgd", 20, False)
+  assert a2.step_size == pytest.approx(0.003)
+  assert (a3.kind, a3.steps) == ("cw", 50) and a3.step_size == pytest.approx(0.003)
+  _, a2_mnist, _ = ev.paper_specs(0.3, eot_samples=10)
+  assert a2_mnist.step_size == pytest.approx(0.3 * 0.003 / 0.031)
+  assert a2_mnist.name == "A2-eot10" and a2_mnist.eot_samples == 10
+
+
+def test_parse_attacks_rejects_unknown_and_duplicate_names():
+  with pytest.raises(ValueError, match="unknown attack 'pgdx'"):
+    ev.parse_attacks("fgsm,pgdx", eps=0.1)
+  with pytest.raises(ValueError, match="unknown attack 'apgd-kl'"):
+    ev.parse_attacks(["apgd-kl"], eps=0.1)
+  with pytest.raises(ValueError, match="attack 'FGSM' is listed twice"):
+    ev.parse_attacks("fgsm,FGSM", eps=0.1)
+  with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+    ev.parse_attacks("pgd0", eps=0.1)
+  with pytest.raises(ValueError, match="kind must be one of"):
+    ev.AttackSpec("x", "deepfool")
+
+
+def test_robustbench_entry():
+  result = {"natural": 0.8, "A2": 0.45, "n": 100}
+  assert ev.robustbench_entry(result, "A2", eps=8 / 255) == {
+      "clean_acc": 0.8, "robust_acc": 0.45, "threat_model": "Linf", "eps": 8 / 255}
+  with pytest.raises(ValueError, match="no attack named 'A3'"):
+    ev.robustbench_entry(result, "A3", eps=0.031)
+
+
+def test_bad_data_raise_clear_errors():
+  images = _images_uint8()
+  with pytest.raises(ValueError, match="float images must lie in"):
+    ev.evaluate(pixel_model, images * 2.0, LABELS, SPECS[:1], batch_size=4, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="labels must have shape"):
+    ev.evaluate(pixel_model, images, LABELS[:5], SPECS[:1], batch_size=4, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="explicit PRNG key"):
+    ev.evaluate(pixel_model, images, LABELS, SPECS[:1], batch_size=4, key=None)
+  with pytest.raises(ValueError, match="duplicate attack names"):
+    ev.evaluate(pixel_model, images, LABELS, SPECS[:1] * 2, batch_size=4, key=jax.random.key(0))

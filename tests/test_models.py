@@ -1,0 +1,132 @@
+"""Shapes, parameter counts, EnResNet noise and ensemble semantics."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from enquant.models import add_noise, count_params, EnResNet, ModelConfig, PreActBlock
+
+TINY = dict(depth=8, widths=(4, 8, 8))
+
+
+def _abstract_params(cfg, hw=32, c=3):
+  model = EnResNet(cfg)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, hw, hw, c)))
+  return shapes["params"]
+
+
+@pytest.mark.parametrize("depth,n,expected", [(20, 1, 272_282), (20, 2, 544_564), (56, 1, 855_578)])
+def test_parameter_counts_match_the_paper(depth, n, expected):
+  # Paper Table II: ResNet20 0.27M, En2ResNet20 0.54M (1x1 projection shortcuts as in EnResNet's code).
+  # Independent count: stem 3*3*3*16; per block 2 convs + 2 BNs; shortcuts 16*32 + 32*64; final BN; fc.
+  stages = [(depth - 2) // 6] * 3
+  widths = [16, 32, 64]
+  total, cin = 27 * 16, 16
+  for s, (blocks, w) in enumerate(zip(stages, widths)):
+    for b in range(blocks):
+      total += 2 * cin + 9 * cin * w + 2 * w + 9 * w * w
+      if cin != w:
+        total += cin * w
+      cin = w
+  total += 2 * 64 + 64 * 10 + 10
+  assert total * n == expected
+  assert count_params(_abstract_params(ModelConfig(depth=depth, ensembles=n))) == expected
+
+
+def test_one_channel_input_and_stage_override():
+  cfg = ModelConfig(stages=(1, 2, 1), widths=(4, 8, 16), ensembles=3)
+  params = _abstract_params(cfg, hw=28, c=1)
+  chex.assert_shape(params["stem"]["kernel"], (3, 3, 3, 1, 4))
+  assert "stage2_block2" in params and "stage2_block3" not in params
+  assert cfg.name == "En3ResNet10"
+
+
+def test_bad_depth_and_config_raise_clear_errors():
+  with pytest.raises(ValueError, match="6n\\+2"):
+    ModelConfig(depth=21).block_stages
+  with pytest.raises(ValueError, match="ensembles"):
+    ModelConfig(ensembles=0)
+  with pytest.raises(ValueError, match="noise_coef"):
+    ModelConfig(noise_coef=-1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = EnResNet(ModelConfig(num_classes=5, ensembles=2, noise_coef=0.1, **TINY))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (6, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  apply = jax.jit(model.apply, static_argnames="train")
+  return model, variables, x, apply
+
+
+def test_forward_shapes_and_train_mode_returns_batch_stats(tiny):
+  model, variables, x, apply = tiny
+  logits = apply(variables, x, jax.random.PRNGKey(2))
+  chex.assert_shape(logits, (6, 5))
+  logits_t, stats = apply(variables, x, jax.random.PRNGKey(2), train=True)
+  chex.assert_shape(logits_t, (6, 5))
+  chex.assert_trees_all_equal_shapes(stats, variables["batch_stats"])
+  # Running statistics moved towards the batch statistics.
+  assert not np.allclose(stats["bn_final"]["mean"], variables["batch_stats"]["bn_final"]["mean"])
+
+
+def test_noise_is_reproducible_per_key_and_differs_across_keys(tiny):
+  _, variables, x, apply = tiny
+  a = apply(variables, x, jax.random.PRNGKey(3))
+  b = apply(variables, x, jax.random.PRNGKey(3))
+  c = apply(variables, x, jax.random.PRNGKey(4))
+  chex.assert_trees_all_equal(a, b)
+  assert float(jnp.max(jnp.abs(a - c))) > 1e-4
+
+
+def test_noise_coefficient_zero_is_exactly_deterministic(tiny):
+  _, variables, x, _ = tiny
+  model0 = EnResNet(ModelConfig(num_classes=5, ensembles=2, noise_coef=0.0, **TINY))
+  apply0 = jax.jit(model0.apply)
+  chex.assert_trees_all_equal(apply0(variables, x, jax.random.PRNGKey(3)),
+                              apply0(variables, x, jax.random.PRNGKey(5)))
+
+
+def test_add_noise_formula():
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 5, 3)) * 3.0 + 1.0
+  key = jax.random.PRNGKey(7)
+  expected = x + 0.1 * jnp.std(x) * jax.random.normal(key, x.shape)
+  chex.assert_trees_all_close(add_noise(x, 0.1, key), expected, rtol=1e-6)
+
+
+def test_block_noise_scale_is_coef_times_one_batch_std():
+  block_noisy = PreActBlock(16, noise_coef=0.25)
+  block_clean = PreActBlock(16, noise_coef=0.0)
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 16))
+  v = block_clean.init(jax.random.PRNGKey(1), x, train=False)
+  clean = block_clean.apply(v, x, train=False)
+  noisy = block_noisy.apply(v, x, train=False, rngs={"noise": jax.random.PRNGKey(2)})
+  z = (noisy - clean) / (0.25 * jnp.std(clean))
+  # z should be standard normal: 32768 draws give mean/std within a few 1e-2.
+  assert abs(float(jnp.mean(z))) < 0.03
+  assert abs(float(jnp.std(z)) - 1.0) < 0.03
+
+
+def test_ensemble_of_identical_members_equals_one_member():
+  cfg1 = ModelConfig(num_classes=5, ensembles=1, noise_coef=0.0, **TINY)
+  cfg3 = ModelConfig(num_classes=5, ensembles=3, noise_coef=0.0, **TINY)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 3))
+  one = EnResNet(cfg1)
+  v1 = one.init(jax.random.PRNGKey(0), x)
+  v3 = jax.tree.map(lambda a: jnp.concatenate([a] * 3), v1)
+  chex.assert_trees_all_close(EnResNet(cfg3).apply(v3, x, jax.random.PRNGKey(0)),
+                              one.apply(v1, x, jax.random.PRNGKey(0)), atol=1e-6)
+
+
+def test_members_are_independent_and_logits_are_averaged():
+  cfg = ModelConfig(num_classes=5, ensembles=2, noise_coef=0.0, **TINY)
+  model = EnResNet(cfg)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 3))
+  v = model.init(jax.random.PRNGKey(0), x)
+  assert not np.allclose(v["params"]["stem"]["kernel"][0], v["params"]["stem"]["kernel"][1])
+  single = EnResNet(ModelConfig(num_classes=5, ensembles=1, noise_coef=0.0, **TINY))
+  member = lambda i: single.apply(jax.tree.map(lambda a: a[i:i + 1], v), x, jax.random.PRNGKey(0))
+  chex.assert_trees_all_close(model.apply(v, x, jax.random.PRNGKey(0)),
+                              (member(0) + member(1)) / 2, atol=1e-6)
