@@ -1,30 +1,31 @@
 """White-box l_inf attacks on any ``logits_fn(x, key) -> logits``: FGSM, PGD (IFGSM), CW-l_inf, APGD.
 
-Every attack works on images ``x`` in [0, 1] with a leading batch axis (NHWC or any other shape), int labels
-``y`` of shape ``(batch,)`` and any number of classes (read from the logits). It returns ``x_adv`` with
-``|x_adv - x| <= eps`` elementwise (up to one float32 rounding of ``x + eps``) and ``0 <= x_adv <= 1``, with
-the gradient stopped. All attacks are pure functions of their inputs and an explicit PRNG key, jittable
-(iteration counts are static Python ints, loops are ``lax.fori_loop``) and composable with ``jax.vmap``
-(``eps`` and ``step_size`` may be traced, e.g. one call over several eps values).
+Every attack works on images ``x`` in [0, 1] with a leading batch axis (NHWC or any other shape),
+int labels ``y`` of shape ``(batch,)`` and any number of classes (read from the logits). It returns
+``x_adv`` with ``|x_adv - x| <= eps`` elementwise (up to one float32 rounding of ``x + eps``) and
+``0 <= x_adv <= 1``, gradient stopped. All attacks are pure functions of their inputs and an explicit
+PRNG key, jittable (iteration counts are static Python ints, loops are ``lax.fori_loop``) and
+composable with ``jax.vmap`` (``eps`` and ``step_size`` may be traced: one call over several eps).
 
 The model function:
   ``logits_fn(x, key)`` must be the model in *inference* mode: BatchNorm uses its running statistics
-  while crafting (build it with ``train=False``). An attack only sees logits, so it cannot switch the mode
-  itself; a model that updates batch statistics inside ``logits_fn`` would be attacked in training mode.
-  Deterministic models ignore ``key``. With ``key=None`` the attacks pass ``None`` to ``logits_fn``, which
-  is only right for deterministic models; randomized models (EnResNet's noise) need a key.
+  while crafting (build it with ``train=False``). An attack only sees logits, so it cannot switch the
+  mode itself; a ``logits_fn`` running BatchNorm in training mode would be attacked in training mode.
+  Deterministic models ignore ``key``. With ``key=None`` the attacks pass ``None`` to ``logits_fn``,
+  which is only right for deterministic models; randomized models (EnResNet's noise) need a key.
 
 Key schedule (fixed, so results are reproducible and tests can recompute them):
-  ``start_key, loop_key = jax.random.split(key)``; the random start draws from ``start_key``; step ``i``
-  uses ``step_key = jax.random.split(loop_key, steps)[i]`` (APGD: ``split(loop_key, steps + 1)``, the
-  last one for the gradient at the start point). With ``eot_samples == 1`` the model gets
-  ``step_key`` itself, otherwise ``jax.random.split(step_key, eot_samples)`` (one model key per sample;
-  the gradients are averaged, vmapped over the keys). FGSM uses ``key`` as its only step key.
+  ``start_key, loop_key = jax.random.split(key)``; the random start draws from ``start_key``; step
+  ``i`` uses ``step_key = jax.random.split(loop_key, steps)[i]`` (APGD: ``split(loop_key, steps + 1)``,
+  the last one for the gradient at the start point). With ``eot_samples == 1`` the model gets
+  ``step_key`` itself, otherwise ``jax.random.split(step_key, eot_samples)`` (one model key per
+  sample; the gradients are averaged, vmapped over the keys). FGSM uses ``key`` as its only step key.
 
-Speed on XLA:CPU (DESIGN.md §6): gradient convolutions inside a rolled ``while`` loop take a slow path
-(~4x). ``pgd`` and ``cw_linf`` therefore unroll their loop by default (``unroll=True``), which multiplies
-compile time by about the number of steps (PGD-10 on ResNet20 ~15 s); pass ``unroll=False`` (or an int)
-for long attacks or when compile time matters more. ``apgd`` (100 steps by default) stays rolled.
+Speed on XLA:CPU (DESIGN.md §6): gradient convolutions inside a rolled ``while`` loop take a slow
+path (~4x). ``pgd`` and ``cw_linf`` therefore unroll their loop by default (``unroll=True``), which
+multiplies compile time by about the number of steps (PGD-10 on ResNet20 ~15 s); pass
+``unroll=False`` for long attacks or when compile time matters more. ``apgd`` (100 steps by default)
+stays rolled.
 
 References:
   Goodfellow et al., "Explaining and harnessing adversarial examples", 2015 (FGSM).
@@ -38,7 +39,7 @@ References:
 
 import math
 import numbers
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -127,13 +128,15 @@ def _check_common(x, y, eps, key, eot_samples, random_start=False, name="attack"
   if getattr(x, "ndim", 0) < 1:
     raise ValueError(f"{name}: x needs a leading batch axis, got shape {getattr(x, 'shape', None)}")
   if getattr(y, "ndim", None) != 1 or y.shape[0] != x.shape[0]:
-    raise ValueError(f"{name}: labels must have shape ({x.shape[0]},), got {getattr(y, 'shape', None)}")
+    raise ValueError(
+        f"{name}: labels must have shape ({x.shape[0]},), got {getattr(y, 'shape', None)}")
   if _is_number(eps) and not (eps >= 0 and math.isfinite(eps)):
     raise ValueError(f"{name}: eps must be finite and >= 0, got {eps}")
   if not isinstance(eot_samples, int) or isinstance(eot_samples, bool) or eot_samples < 1:
     raise ValueError(f"{name}: eot_samples must be an int >= 1, got {eot_samples!r}")
   if key is None and eot_samples > 1:
-    raise ValueError(f"{name}: eot_samples={eot_samples} needs a key for the model's noise, got key=None")
+    raise ValueError(
+        f"{name}: eot_samples={eot_samples} needs a key for the model's noise, got key=None")
   if key is None and random_start:
     raise ValueError(f"{name}: random_start=True needs a key, got key=None "
                      "(pass a key or random_start=False)")
@@ -180,7 +183,7 @@ def _loss_grad_fn(logits_fn: LogitsFn, loss_fn: Callable, eot_samples: int):
 
 
 def _schedule(key, n_step_keys):
-  """``(start_key, step_keys)``: ``start_key, loop_key = split(key)``, ``step_keys = split(loop_key, n)``.
+  """``(start_key, split(loop_key, n))`` with ``start_key, loop_key = split(key)``.
 
   Splitting once outside the loop (rather than ``fold_in`` inside it) keeps one PRNG hash in the
   compiled program instead of one per unrolled step.
@@ -228,7 +231,8 @@ def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, key=None, loss
   return jax.lax.stop_gradient(jnp.clip(x + eps * jnp.sign(grad), 0.0, 1.0))
 
 
-def _sign_pgd(logits_fn, x, y, *, eps, step_size, steps, key, random_start, loss_fn, eot_samples, unroll):
+def _sign_pgd(logits_fn, x, y, *, eps, step_size, steps, key, random_start, loss_fn, eot_samples,
+              unroll):
   grad_fn = _loss_grad_fn(logits_fn, loss_fn, eot_samples)
   start_key, step_keys = _schedule(key, steps)
   x_adv = _uniform_start(x, eps, start_key) if random_start else x
@@ -329,7 +333,7 @@ def cw_linf(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, step_size, 
 
 
 def apgd_checkpoints(steps: int) -> tuple[int, ...]:
-  """The checkpoints ``w_j = ceil(p_j * steps)`` of APGD, ``w_0 = 0`` included, increasing, all <= steps.
+  """APGD's checkpoints ``w_j = ceil(p_j * steps)``, ``w_0 = 0`` included, increasing, <= steps.
 
   ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, computed exactly in
   hundredths (no float round-off in the ceiling). Duplicates (small ``steps``) are dropped.
@@ -390,8 +394,8 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, steps: int = 1
 
   Algorithm 1 of Croce & Hein (2020): initial step ``eta = 2 eps``; momentum 0.75 (none on the first
   step): ``z = P(x_k + eta sign(g_k))``, ``x_{k+1} = P(x_k + 0.75 (z - x_k) + 0.25 (x_k - x_{k-1}))``.
-  At each checkpoint ``w_j`` (:func:`apgd_checkpoints`) an example's step size is halved and it restarts
-  from its best point (``x_max``, with its gradient) if
+  At each checkpoint ``w_j`` (:func:`apgd_checkpoints`) an example's step size is halved and it
+  restarts from its best point (``x_max``, with its gradient) if
     1. the loss increased in fewer than ``rho * (w_j - w_{j-1})`` of the steps since ``w_{j-1}``, or
     2. its step size was not halved at ``w_{j-1}`` and ``f_max`` has not increased since ``w_{j-1}``.
   Per-example tracking throughout. Returns, per example, the last misclassified point found (the start
@@ -402,8 +406,9 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, steps: int = 1
   condition 1 uses the paper's strict ``<`` (code: ``<=``); condition 2 is also checked at ``w_1``
   (code: skipped). As in the code, the random start is ``x + eps * t / max|t|`` with ``t ~ U(-1, 1)``
   (on the sphere of the ball) clipped to [0, 1]. After a restart the next loss comparison is against
-  ``f_max`` (the paper's ``x^(k) = x_max``; the code compares with the abandoned iterate). With EOT the loss and the logits used for tracking are
-  the averages over the noise samples (the code uses the last sample's logits).
+  ``f_max`` (the paper's ``x^(k) = x_max``; the code compares with the abandoned iterate). With EOT
+  the loss and the logits used for tracking are the averages over the noise samples (the code uses
+  the last sample's logits).
 
   Args:
     logits_fn: ``logits_fn(x, key) -> (batch, classes)`` logits, the model in inference mode.
@@ -508,7 +513,7 @@ def _apgd_run(logits_fn, x, y, *, eps, steps, key, loss, eot_samples, rho, rando
   return jax.lax.fori_loop(0, steps, body, state, unroll=unroll)
 
 
-__all__: Sequence[str] = (
+__all__ = [
     "APGDState", "apgd", "apgd_checkpoints", "cross_entropy", "cw_linf", "dlr_loss", "fgsm", "margin",
     "pgd",
-)
+]

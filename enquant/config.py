@@ -110,13 +110,17 @@ class EvalConfig:
 
   Attributes:
     attacks: comma-separated attack names (see :func:`enquant.evaluate.parse_attacks`); "" for none.
+      The default a1,a2,a3 are the paper's FGSM, IFGSM-20 and CW-l_inf (50 steps).
+    eot_samples: for randomized models (noise_coef > 0) each attack is repeated with gradients averaged
+      over this many noise draws (EOT); <= 1 disables.
     eps: l_inf radius of the evaluation attacks.
     max_examples: robust evaluation on the first N test images (0: all); natural accuracy uses all.
     batch_size: evaluation batch.
     seed: key of the randomized evaluation (recorded, so numbers are reproducible).
   """
 
-  attacks: str = "fgsm,ifgsm20,cw50"
+  attacks: str = "a1,a2,a3"
+  eot_samples: int = 5
   eps: float = 8 / 255
   max_examples: int = 1000
   batch_size: int = 256
@@ -173,5 +177,5 @@ def quick(cfg: ExperimentConfig) -> ExperimentConfig:
       train=dataclasses.replace(cfg.train, epochs=min(cfg.train.epochs, 2), batch_size=64),
       loss=dataclasses.replace(cfg.loss, steps=min(cfg.loss.steps, 3)),
       eval=dataclasses.replace(cfg.eval, max_examples=min(cfg.eval.max_examples or 200, 200),
-                               attacks="fgsm,ifgsm20"),
+                               attacks="a1,a2", eot_samples=min(cfg.eval.eot_samples, 2)),
   )

@@ -5,8 +5,8 @@ statistics). Attack settings are data (:class:`AttackSpec`), built from short na
 :func:`parse_attacks` or taken from the paper's presets (:func:`paper_specs`).
 
 Reproducibility: batch ``b`` uses ``batch_key = fold_in(key, b)``; the natural pass uses
-``fold_in(batch_key, 0)``; a spec uses ``spec_key = fold_in(batch_key, stream(spec.name))`` with a stable
-hash of its name (so adding or reordering specs changes no other number), restart ``r`` uses
+``fold_in(batch_key, 0)``; a spec uses ``spec_key = fold_in(batch_key, stream(spec.name))``, a stable
+hash of its name (so adding or reordering specs changes no other number); restart ``r`` uses
 ``fold_in(spec_key, r)``, split into the attack's key and the key of the final forward pass. The same
 ``key`` gives the same numbers for randomized models (EnResNet's noise); record it next to the results.
 
@@ -92,7 +92,8 @@ class AttackSpec:
         isinstance(self.steps, int) and self.steps >= 1):
       raise ValueError(f"AttackSpec {self.name!r}: steps must be an int >= 1, got {self.steps!r}")
     if not (isinstance(self.restarts, int) and self.restarts >= 1):
-      raise ValueError(f"AttackSpec {self.name!r}: restarts must be an int >= 1, got {self.restarts!r}")
+      raise ValueError(
+          f"AttackSpec {self.name!r}: restarts must be an int >= 1, got {self.restarts!r}")
     if not (isinstance(self.eot_samples, int) and self.eot_samples >= 1):
       raise ValueError(
           f"AttackSpec {self.name!r}: eot_samples must be an int >= 1, got {self.eot_samples!r}")
@@ -113,12 +114,12 @@ def paper_specs(eps: float = PAPER_EPS, *, eot_samples: int = 1,
                 step_size: float | None = None) -> tuple[AttackSpec, AttackSpec, AttackSpec]:
   """The paper's attacks A1 (FGSM), A2 (IFGSM-20) and A3 (CW-l_inf, 50 steps) at ``eps``.
 
-  A2: 20 steps of ``step_size`` (default :func:`paper_step_size`: 0.003 at eps 0.031), no random start,
-  as in the EnResNet evaluation code. A3: the same step and no random start (so A2 and A3 differ only in
-  loss and step count; 50 x 0.003 covers the ball ~5 times), margin loss with kappa = 50 (Madry et
-  al.'s CW-l_inf: keeps pushing past the decision boundary, which matters for randomized models whose
-  prediction is re-drawn at evaluation). The EnResNet code's own "C&W" was an L2 Adam attack rescaled to
-  eps, not a bounded l_inf attack (DESIGN.md §3); this is the proper l_inf version.
+  A2: 20 steps of ``step_size`` (default :func:`paper_step_size`: 0.003 at eps 0.031), no random
+  start, as in the EnResNet evaluation code. A3: the same step and no random start (so A2 and A3
+  differ only in loss and step count; 50 x 0.003 covers the ball ~5 times), margin loss with
+  kappa = 50 (Madry et al.'s CW-l_inf: keeps pushing past the decision boundary, which matters for
+  randomized models whose prediction is re-drawn at evaluation). The EnResNet code's own "C&W" was an
+  L2 Adam attack rescaled to eps, not a bounded l_inf attack (DESIGN.md §3); this is the l_inf one.
 
   Args:
     eps: l_inf radius (0.031 ~ 8/255 for CIFAR/SVHN in the paper).
@@ -152,7 +153,8 @@ def parse_attacks(names: str | Sequence[str], *, eps: float, step_size: float | 
     BASE: ``none``; ``fgsm``; ``pgd<N>`` (IFGSM, N steps, no random start); ``cw<N>`` (CW-l_inf, N
       steps, confidence ``kappa``); ``apgd-ce[<N>]``, ``apgd-dlr[<N>]`` (``apgd_steps`` by default,
       random start); ``a1``/``a2``/``a3`` (the paper's presets, :func:`paper_specs`).
-    MOD: ``eot<K>`` (EOT over K noise keys), ``r<R>`` (R restarts, random start), ``rs`` (random start).
+    MOD: ``eot<K>`` (EOT over K noise keys), ``r<R>`` (R restarts, random start), ``rs`` (random
+      start).
   Example: ``"fgsm,pgd20,cw50,pgd20-eot10,pgd100-r5,apgd-ce,apgd-dlr-eot20"``.
 
   Args:
@@ -330,9 +332,9 @@ def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *
              key, progress: bool = True) -> dict[str, float]:
   """Natural accuracy and white-box robust accuracy of ``logits_fn`` for each spec, over a dataset.
 
-  Robust accuracy of a spec is the fraction of examples classified correctly on the adversarial image of
-  every restart (the final forward pass draws its own noise key). It is not intersected with natural
-  correctness, as in the paper's tables.
+  Robust accuracy of a spec is the fraction of examples classified correctly on the adversarial image
+  of every restart (the final forward pass draws its own noise key). It is not intersected with
+  natural correctness, as in the paper's tables.
 
   Args:
     logits_fn: ``logits_fn(x, key) -> logits`` in inference mode (a ``jax.tree_util.Partial`` avoids

@@ -17,8 +17,14 @@ import numpy as np
 
 from enquant import checkpoint as ckpt_lib
 from enquant import data as data_lib
+from enquant import evaluate as evaluate_lib
+from enquant import export as export_lib
 from enquant import files
 from enquant import losses
+from enquant import plots
+from enquant import prune as prune_lib
+from enquant import quant
+from enquant import sparsity
 from enquant import train as train_lib
 from enquant.config import ExperimentConfig
 from enquant.models.ensemble import count_params, EnResNet
@@ -142,24 +148,189 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
     return None
 
   results = final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step, progress=progress,
-                          log=log)
+                          log=log, workdir=workdir)
   results.update(config=cfg.to_dict(), model_name=cfg.model.name, num_params=n_params,
                  dataset_source=ds.source, software=software_versions(),
                  wall_seconds=time.time() - t_start, workdir=os.path.abspath(workdir))
+  files.write_text_atomic(os.path.join(workdir, "results.md"), markdown_row(results))
   files.write_json_atomic(os.path.join(workdir, "results.json"), results)
   return results
 
 
+def load_run(workdir: str, *, data_dir: str | None = None):
+  """Restores a run directory's configuration, model and (evaluation) variables from its newest checkpoint.
+
+  Returns:
+    ``(cfg, model, variables, state)``; ``variables`` hold P(w) for quantized runs.
+
+  Raises:
+    FileNotFoundError: no run (config.json / checkpoints) in ``workdir``.
+  """
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"no run in {workdir}: config.json is missing")
+  cfg = ExperimentConfig.from_dict(files.read_json(config_path))
+  if data_dir is not None:
+    cfg = dataclasses.replace(cfg, data_dir=data_dir)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  epoch = ckpt.latest_epoch()
+  if epoch is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  model = EnResNet(cfg.model)
+  steps_per_epoch = max(1, (cfg.max_train or data_lib.DATASETS[cfg.dataset].num_train)
+                        // cfg.train.batch_size)
+  tx, _ = train_lib.make_optimizer(cfg.train, cfg.quant, steps_per_epoch)
+  shape = (1,) + tuple(data_lib.DATASETS[cfg.dataset].image_shape)
+  target = train_lib.create_train_state(model, tx, jax.random.PRNGKey(0), np.zeros(shape, np.float32))
+  state, _ = ckpt.restore(epoch, target, expect_fingerprint=ckpt_lib.fingerprint(cfg.fingerprint_dict()))
+  ckpt.close()
+  variables = {"params": train_lib.eval_params(state, cfg.quant), "batch_stats": state.batch_stats}
+  return cfg, model, variables, state
+
+
 def epoch_extras(state, cfg: ExperimentConfig) -> dict[str, float]:
-  """Per-epoch extra metrics (the M_t bound, sparsity) — filled in by the quantization layer."""
-  del state, cfg
-  return {}
+  """Per-epoch extras: the M_t bound (max over conv layers of mean|w|, float weights) and, for quantized
+  runs, the weight/channel sparsity of P(w)."""
+  weights = quant.float_weights(state.opt_state) if cfg.quant.enabled else state.params
+  extras = {"m_bound": sparsity.m_bound(jax.device_get(weights))}
+  if cfg.quant.enabled:
+    report = sparsity.weight_report(jax.device_get(train_lib.eval_params(state, cfg.quant)))
+    extras.update(weight_sparsity=report["total/weight_sparsity"],
+                  channel_sparsity=report["total/channel_sparsity"])
+  return extras
 
 
-def final_results(cfg, model, state, ds, *, mesh, eval_step, progress, log) -> dict[str, Any]:
+def eval_specs(cfg: ExperimentConfig):
+  """The final evaluation's attacks: ``cfg.eval.attacks``, plus EOT variants for randomized models."""
+  specs = list(evaluate_lib.parse_attacks(cfg.eval.attacks, eps=cfg.eval.eps))
+  if cfg.model.noise_coef > 0 and cfg.eval.eot_samples > 1:
+    specs += [dataclasses.replace(s, name=f"{s.name}-eot{cfg.eval.eot_samples}",
+                                  eot_samples=cfg.eval.eot_samples)
+              for s in specs if s.kind != "none" and s.eot_samples == 1]
+  return tuple(specs)
+
+
+def robust_evaluation(cfg: ExperimentConfig, model: EnResNet, variables, images, labels, *,
+                      progress: bool, oracle=None) -> dict[str, Any]:
+  """Natural + robust accuracy on ``images`` for :func:`eval_specs` (white-box, or transferred from
+  ``oracle = (model, variables)``), with the settings and a RobustBench-style entry."""
+  specs = eval_specs(cfg)
+  key = jax.random.PRNGKey(cfg.eval.seed)
+  target_fn = jax.tree_util.Partial(model.apply_eval, variables)
+  if oracle is None:
+    acc = evaluate_lib.evaluate(target_fn, images, labels, specs, batch_size=cfg.eval.batch_size,
+                                key=key, progress=progress)
+  else:
+    oracle_fn = jax.tree_util.Partial(oracle[0].apply_eval, oracle[1])
+    acc = evaluate_lib.transfer(oracle_fn, target_fn, images, labels, specs,
+                                batch_size=cfg.eval.batch_size, key=key, progress=progress)
+  out: dict[str, Any] = {"accuracy": acc, "attacks": [s.to_dict() for s in specs],
+                         "eval_seed": cfg.eval.seed, "examples": int(acc["n"])}
+  robust = {s.name: acc[s.name] for s in specs if s.kind != "none"}
+  if robust:
+    strongest = min(robust, key=robust.get)
+    out["robustbench"] = dict(evaluate_lib.robustbench_entry(acc, strongest, eps=cfg.eval.eps),
+                              attack=strongest)
+  return out
+
+
+def efficiency_report(cfg: ExperimentConfig, model: EnResNet, variables, ds, workdir: str, *,
+                      log) -> dict[str, Any]:
+  """Sparsity (ours and the paper's counting), M bound, bit-packed size, and channel pruning."""
+  params = jax.device_get(variables["params"])
+  shape = ds.test_images.shape[1:]
+  out: dict[str, Any] = {"bits": cfg.quant.bits if cfg.quant.enabled else 32,
+                         "flops_per_image": prune_lib.flops(cfg.model, shape)}
+  report = sparsity.weight_report(params)
+  paper = sparsity.weight_report(params, sparsity.spatial_conv_mask)
+  out["sparsity"] = {k: v for k, v in report.items() if k.startswith("total/")}
+  out["sparsity_paper_counting"] = {k: v for k, v in paper.items() if k.startswith("total/")}
+  out["sparsity_per_layer"] = {k: v for k, v in report.items()
+                               if k.endswith(("weight_sparsity", "channel_sparsity"))
+                               and not k.startswith("total/")}
+  if not cfg.quant.enabled:
+    return out
+  packed = export_lib.pack(params, cfg.quant.bits, cfg.quant.ternary_method)
+  path = os.path.join(workdir, "model_packed.npz")
+  export_lib.save(path, packed)
+  out["packed"] = dict(export_lib.size_report(params, packed), file=os.path.basename(path),
+                       file_bytes=os.path.getsize(path))
+  log(f"packed {cfg.quant.bits}-bit model: {out['packed']['packed_bytes'] / 1024:.1f} KiB "
+      f"(float32 {out['packed']['float32_bytes'] / 1024:.1f} KiB) -> {path}")
+  if cfg.quant.bits >= 2:
+    n = min(len(ds.test_images), cfg.eval.max_examples or len(ds.test_images))
+    out["pruning"] = prune_lib.pruning_report(cfg.model, variables, ds.test_images[:n],
+                                              ds.test_labels[:n], jax.random.PRNGKey(cfg.eval.seed),
+                                              batch_size=cfg.eval.batch_size)
+  return out
+
+
+def final_results(cfg, model, state, ds, *, mesh, eval_step, progress, log, workdir) -> dict[str, Any]:
+  """Natural accuracy on the whole test set; robust accuracy, efficiency, figures and tables."""
   variables = {"params": train_lib.eval_params(state, cfg.quant), "batch_stats": state.batch_stats}
   acc = train_lib.natural_accuracy(eval_step, variables, ds.test_images, ds.test_labels,
                                    batch_size=cfg.train.batch_size,
                                    key=jax.random.PRNGKey(cfg.eval.seed), mesh=mesh)
   log(f"final natural test accuracy: {acc:.4f} on {len(ds.test_images)} images")
-  return {"natural_accuracy": acc, "test_examples": len(ds.test_images)}
+  results: dict[str, Any] = {"natural_accuracy": acc, "test_examples": len(ds.test_images)}
+  variables = jax.device_get(variables)
+  n = min(len(ds.test_images), cfg.eval.max_examples or len(ds.test_images))
+  if eval_specs(cfg):
+    results["robust"] = robust_evaluation(cfg, model, variables, ds.test_images[:n],
+                                          ds.test_labels[:n], progress=progress)
+    log("robust accuracy on %d images: %s" % (n, ", ".join(
+        f"{k}={v:.4f}" for k, v in results["robust"]["accuracy"].items() if k != "n")))
+    figure_examples(cfg, model, variables, ds, os.path.join(workdir, "adversarial_examples.png"))
+  results["efficiency"] = efficiency_report(cfg, model, variables, ds, workdir, log=log)
+  rows = files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  if rows:
+    plots.training_curves(os.path.join(workdir, "training_curves.png"), rows)
+  return results
+
+
+def figure_examples(cfg, model, variables, ds, path: str, count: int = 8) -> None:
+  """Fig. 1-style PNG for the strongest single-sample attack of the evaluation on the first images."""
+  specs = [s for s in eval_specs(cfg) if s.kind != "none" and s.eot_samples == 1]
+  if not specs:
+    return
+  spec = next((s for s in specs if s.kind == "pgd"), specs[0])
+  x = data_lib.to_float(ds.test_images[:count])
+  y = jax.numpy.asarray(ds.test_labels[:count])
+  key = jax.random.PRNGKey(cfg.eval.seed)
+  fn = model.logits_fn(variables)
+  x_adv = jax.jit(lambda xx, yy, k: evaluate_lib.craft(spec, fn, xx, yy, k))(x, y, key)
+  probs = lambda z: np.asarray(jax.nn.softmax(fn(z, key)))
+  plots.adversarial_examples(path, np.asarray(x), np.asarray(x_adv), ds.test_labels[:count],
+                             probs(x), probs(x_adv), eps=spec.eps, attack=spec.name)
+
+
+def markdown_row(results: dict[str, Any]) -> str:
+  """The paper-style table row (N, A1..A3 with and without EOT, sparsity, size) as Markdown."""
+  cfg = results["config"]
+  acc = results.get("robust", {}).get("accuracy", {})
+  eff = results.get("efficiency", {})
+  q = cfg["quant"]
+  cols = {"net": results["model_name"], "dataset": cfg["dataset"],
+          "quant": q["mode"] if q["mode"] == "float" else f"{q['mode']} {q['bits']}-bit",
+          "loss": cfg["loss"]["kind"] + (f" a={cfg['loss']['alpha']:g} b={cfg['loss']['beta']:g}"
+                                         if cfg["loss"]["kind"] in ("tradeoff", "trades") else ""),
+          "N": f"{100 * results['natural_accuracy']:.2f}%"}
+  for k, v in acc.items():
+    if k not in ("natural", "n"):
+      cols[k] = f"{100 * v:.2f}%"
+  if "sparsity" in eff:
+    cols["weight sparsity"] = f"{100 * eff['sparsity']['total/weight_sparsity']:.2f}%"
+    cols["channel sparsity"] = f"{100 * eff['sparsity']['total/channel_sparsity']:.2f}%"
+  if "packed" in eff:
+    cols["packed KiB"] = f"{eff['packed']['packed_bytes'] / 1024:.1f}"
+  if "pruning" in eff:
+    pr = eff["pruning"]
+    cols["pruned FLOPs"] = f"{pr.get('flops_after', 0) / max(pr.get('flops_before', 1), 1):.1%}"
+  header = "| " + " | ".join(cols) + " |"
+  sep = "|" + "|".join("---" for _ in cols) + "|"
+  body = "| " + " | ".join(str(v) for v in cols.values()) + " |"
+  note = (f"\n\nRobust accuracy on the first {acc.get('n', 0)} test images, eps "
+          f"{cfg['eval']['eps']:.4g}; N on all {results['test_examples']}. "
+          "A1 FGSM, A2 IFGSM-20, A3 CW-l_inf (margin loss under PGD, not the legacy L2 attack); "
+          "-eotK: gradients averaged over K noise draws.\n") if acc else "\n"
+  return header + "\n" + sep + "\n" + body + note

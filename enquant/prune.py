@@ -31,10 +31,13 @@ the channels that matter. What is done, and why it is exact:
 * ``bn_final``, the global average pool and the dense layer ``fc`` are kept as they are (float, full width):
   with the noise on, no residual channel is constant, and ``fc`` is not quantized.
 
-The EnResNet noise is reproduced: every pruned block is a Flax module with the same name
-(``stage{s}_block{b}``) that draws ``make_rng("noise")`` once, exactly like
-:class:`enquant.models.resnet.PreActBlock`, and member ``i`` gets ``jax.random.split(key, n)[i]`` as in
-:meth:`enquant.models.EnResNet.apply`, so the same key gives the same noise.
+The EnResNet noise is reproduced: after each residual sum, ``out + coef * std(out) * z`` (the formula of
+:func:`enquant.models.add_noise`, ``std`` over the full-width stream), where the draws ``z`` come from
+:func:`noise_draws`: member ``i`` gets ``jax.random.split(key, n)[i]``, each block draws
+``make_rng("noise")`` in a scope named ``stage{s}_block{b}``, under ``jax.vmap`` over the members, exactly
+as :meth:`enquant.models.EnResNet.apply` does. The same key gives bitwise the same draws (for any PRNG
+implementation), so the pruned model is the same randomized model; with ``noise_coef == 0`` it is
+deterministic.
 
 Cost model (:func:`macs`, :meth:`PrunedEnsemble.macs`): multiply-accumulates of the convolutions and the
 dense layer per image, ``H_out * W_out * kh * kw * C_in * C_out`` per conv and ``in * out`` for the dense
@@ -57,7 +60,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enquant.models import resnet
 from enquant.models.ensemble import count_params, EnResNet, ModelConfig
 
 Indices = tuple[int, ...]
@@ -121,7 +123,8 @@ class PrunedBlock(nn.Module):
   noise_coef: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, noise: jax.Array | None = None) -> jax.Array:
+    """The block's output; ``noise`` is this block's ``N(0, I)`` draw (required when ``noise_coef``)."""
     n, h, w, _ = x.shape
     oh, ow = (h - 1) // self.strides + 1, (w - 1) // self.strides + 1
     out = None
@@ -151,7 +154,9 @@ class PrunedBlock(nn.Module):
         y = const if y is None else y + const
       base = _scatter_add(base, self.conv2_outputs, y)
     if self.noise_coef:
-      base = resnet.add_noise(base, self.noise_coef, self.make_rng("noise"))
+      if noise is None:
+        raise ValueError("a pruned block with noise_coef > 0 needs its noise draw")
+      base = base + self.noise_coef * jnp.std(base) * noise  # add_noise's formula, the draw given
     return base
 
 
@@ -173,7 +178,8 @@ class PrunedResNet(nn.Module):
   blocks: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, noise: Sequence[jax.Array] | None = None) -> jax.Array:
+    """Logits; ``noise`` holds each block's ``N(0, I)`` draw (see :func:`noise_draws`)."""
     n, h, w, _ = x.shape
     if self.stem_outputs == tuple(range(self.stem_width)):
       x = _conv(self.stem_width, 3, 1, "stem")(_take(x, self.stem_inputs))
@@ -184,11 +190,57 @@ class PrunedResNet(nn.Module):
         stream = stream.at[..., np.asarray(self.stem_outputs, np.int32)].set(
             y, indices_are_sorted=True, unique_indices=True)
       x = stream
-    for name, fields in self.blocks:
-      x = PrunedBlock(**dict(fields), name=name)(x)
+    for index, (name, fields) in enumerate(self.blocks):
+      x = PrunedBlock(**dict(fields), name=name)(x, None if noise is None else noise[index])
     x = nn.relu(_norm("bn_final")(x))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="fc")(x)
+
+
+class _Draw(nn.Module):
+  """``N(0, I)`` of one block's output shape from ``make_rng("noise")``, as PreActBlock draws it."""
+
+  shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return jax.random.normal(self.make_rng("noise"), self.shape, jnp.float32)
+
+
+class _NoiseDraws(nn.Module):
+  """Every block's noise draw, from scopes named like the blocks of :class:`enquant.models.ResNet`."""
+
+  shapes: tuple[tuple[str, tuple[int, ...]], ...]
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, ...]:
+    return tuple(_Draw(shape, name=name)() for name, shape in self.shapes)
+
+
+def noise_draws(model_config: ModelConfig, x_shape: Sequence[int], key: jax.Array) -> tuple[jax.Array, ...]:
+  """The ``N(0, I)`` draws of every block and member that ``EnResNet.apply(..., x, key)`` makes.
+
+  Member ``i`` uses ``jax.random.split(key, n)[i]`` and block ``stage{s}_block{b}`` draws from
+  ``make_rng("noise")`` in a scope of that name, drawn under ``jax.vmap`` over the members exactly as
+  :meth:`enquant.models.EnResNet.apply` does: so the draws are bitwise those of the unpruned model for
+  every PRNG implementation (``rbg`` keys give different numbers under ``vmap`` than one key at a time).
+
+  Args:
+    model_config: the model.
+    x_shape: ``(N, H, W, C)`` of the input batch.
+    key: the noise key given to ``apply``.
+
+  Returns:
+    One ``(members, N, H_b, W_b, C_b)`` array per block.
+  """
+  n, h, w, _ = x_shape
+  shapes = []
+  for name, _, width, strides, _ in _block_layout(model_config):
+    h, w = _out_size(h, strides), _out_size(w, strides)
+    shapes.append((name, (n, h, w, width)))
+  draws = _NoiseDraws(tuple(shapes))
+  keys = jax.random.split(key, model_config.ensembles)
+  return jax.vmap(lambda k: draws.apply({}, rngs={"noise": k}))(keys)
 
 
 # ------------------------------------------------------------------------------------- cost model
@@ -386,13 +438,19 @@ def _prune_member(config: ModelConfig, variables):
   return module, {"params": params, "batch_stats": stats}, counts
 
 
-def _check_shapes(module: PrunedResNet, variables, input_shape, name: str) -> None:
+def _check_shapes(module: PrunedResNet, variables, config: ModelConfig, input_shape, name: str) -> None:
   """The sliced variables must be exactly what the module declares (catches any planning mistake)."""
-  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
-  expected = jax.eval_shape(
-      lambda x: module.init({"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)}, x), x)
+
+  def init(x):
+    noise = None
+    if config.noise_coef:
+      noise = tuple(d[0] for d in noise_draws(config, x.shape, jax.random.PRNGKey(0)))
+    return module.init(jax.random.PRNGKey(0), x, noise)
+
+  expected = jax.eval_shape(init, jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32))
   got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
-  if jax.tree.structure(expected) != jax.tree.structure(got) or jax.tree.leaves(expected) != jax.tree.leaves(got):
+  same_tree = jax.tree.structure(expected) == jax.tree.structure(got)
+  if not same_tree or jax.tree.leaves(expected) != jax.tree.leaves(got):
     raise ValueError(f"internal error: pruned variables of {name} do not match the pruned module "
                      f"({jax.tree.structure(got)} vs {jax.tree.structure(expected)})")
 
@@ -402,21 +460,26 @@ class PrunedEnsemble:
 
   Attributes:
     config: the unpruned model's config.
+    input_channels: channels of the images it takes.
     modules: one Flax module per member.
     variables: one ``{"params", "batch_stats"}`` per member (numpy arrays).
     counts: channel bookkeeping summed over members (see :func:`prune`).
   """
 
-  def __init__(self, config: ModelConfig, modules, variables, counts):
+  def __init__(self, config: ModelConfig, input_channels: int, modules, variables, counts):
     self.config = config
+    self.input_channels = int(input_channels)
     self.modules = tuple(modules)
     self.variables = tuple(variables)
     self.counts = dict(counts)
     self._device_variables = jax.tree.map(jnp.asarray, list(self.variables))
 
     def forward(variables, x, key):
-      keys = jax.random.split(key, len(self.modules))
-      logits = [m.apply(v, x, rngs={"noise": k}) for m, v, k in zip(self.modules, variables, keys)]
+      noise = [None] * len(self.modules)
+      if config.noise_coef:
+        draws = noise_draws(config, x.shape, key)
+        noise = [tuple(d[i] for d in draws) for i in range(len(self.modules))]
+      logits = [m.apply(v, x, z) for m, v, z in zip(self.modules, variables, noise)]
       return jnp.mean(jnp.stack(logits), axis=0)
 
     self._forward = jax.jit(forward)
@@ -434,7 +497,12 @@ class PrunedEnsemble:
 
     Returns:
       ``(N, num_classes)`` logits.
+
+    Raises:
+      ValueError: for images that are not ``(N, H, W, input_channels)``.
     """
+    if np.ndim(x) != 4 or np.shape(x)[-1] != self.input_channels:
+      raise ValueError(f"x must be (N, H, W, {self.input_channels}) images, got shape {np.shape(x)}")
     return self._forward(self._device_variables, jnp.asarray(x, jnp.float32), key)
 
   def logits_fn(self):
@@ -503,12 +571,12 @@ def prune(model_config: ModelConfig, variables, input_shape: Sequence[int] | Non
   modules, member_vars, counts = [], [], {}
   for i in range(model_config.ensembles):
     module, v, c = _prune_member(model_config, _member_variables(variables, i))
-    _check_shapes(module, v, input_shape, f"member {i}")
+    _check_shapes(module, v, model_config, input_shape, f"member {i}")
     modules.append(module)
     member_vars.append(v)
     for k, n in c.items():
       counts[k] = counts.get(k, 0) + n
-  return PrunedEnsemble(model_config, modules, member_vars, counts)
+  return PrunedEnsemble(model_config, np.shape(stem)[-2], modules, member_vars, counts)
 
 
 # ---------------------------------------------------------------------------------------- report

@@ -49,7 +49,11 @@ flags.DEFINE_float("train_eps", 8 / 255, "Training attack l_inf radius.")
 flags.DEFINE_float("train_step_size", 2 / 255, "Training attack step size.")
 flags.DEFINE_integer("train_steps", 10, "Training attack steps.")
 # Evaluation.
-flags.DEFINE_string("attacks", "fgsm,ifgsm20,cw50", "Final evaluation attacks (comma-separated).")
+flags.DEFINE_string("attacks", "a1,a2,a3", "Final evaluation attacks, comma-separated: a1 (FGSM), "
+                    "a2 (IFGSM-20), a3 (CW-l_inf 50), fgsm, pgd<N>, cw<N>, apgd-ce, apgd-dlr, "
+                    "with optional -eot<K>, -r<R> (restarts), -rs (random start).")
+flags.DEFINE_integer("eot_samples", 5, "Also run every attack with EOT over K noise draws (randomized "
+                     "models only; <= 1: off).")
 flags.DEFINE_float("eval_eps", 8 / 255, "Evaluation attack l_inf radius.")
 flags.DEFINE_integer("eval_max", 1000, "Robust evaluation on the first N test images (0: all).")
 flags.DEFINE_integer("eval_seed", 1234, "Key of the (randomized) evaluation.")
@@ -90,8 +94,10 @@ def config_from_flags(dataset: str):
           lambda0=FLAGS.br_lambda0, growth=FLAGS.br_growth, growth_every_epochs=FLAGS.br_growth_every,
           relax_fraction=FLAGS.br_relax_fraction),
       eval=config_lib.EvalConfig(attacks=FLAGS.attacks, eps=FLAGS.eval_eps, max_examples=FLAGS.eval_max,
-                                 seed=FLAGS.eval_seed),
+                                 seed=FLAGS.eval_seed, eot_samples=FLAGS.eot_samples),
   )
+  from enquant import evaluate  # pylint: disable=g-import-not-at-top
+  evaluate.parse_attacks(FLAGS.attacks, eps=FLAGS.eval_eps)  # fail now, not after training
   if FLAGS.quick:
     cfg = config_lib.quick(cfg)
   if FLAGS.eval_max < 0 or FLAGS.max_train < 0 or FLAGS.max_test < 0:

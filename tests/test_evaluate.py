@@ -11,7 +11,8 @@ EPS = 0.1
 SCALE = 10.0
 # One informative pixel p = x[0, 0, 0]; class 1 iff p > 0.5. An eps = 0.1 attack flips exactly the
 # correctly classified examples with |p - 0.5| < 0.1 and cannot repair the misclassified ones.
-PIXELS_UINT8 = np.array([13, 77, 115, 140, 179, 242, 107], np.uint8)  # /255: .05 .30 .45 .55 .70 .95 .42
+# /255: .05 .30 .45 .55 .70 .95 .42
+PIXELS_UINT8 = np.array([13, 77, 115, 140, 179, 242, 107], np.uint8)
 LABELS = np.array([0, 0, 0, 1, 1, 0, 1], np.int32)
 NATURAL = 5 / 7  # all but .95 (label 0) and .42 (label 1)
 ROBUST = 3 / 7  # .05, .30, .70: at least 0.1 from the boundary
@@ -45,7 +46,8 @@ def noisy_model(x, key):
   return _pixel_logits(x[:, 0, 0, 0]) + 3.0 * jax.random.normal(key, (x.shape[0], 3))
 
 
-SPECS = ev.parse_attacks("none,fgsm,pgd20,cw50,apgd-ce20,apgd-dlr20", eps=EPS)
+# 10 x 0.02 steps cover the ball twice; few steps keep the (unrolled) compiles short
+SPECS = ev.parse_attacks("none,fgsm,pgd10,cw10,apgd-ce10,apgd-dlr10", eps=EPS, step_size=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_accuracies_of_a_model_with_known_predictions(white_box):
   assert white_box["n"] == 7  # the padded last batch (3 of 4) is counted once
   assert white_box["natural"] == pytest.approx(NATURAL)
   assert white_box["none"] == pytest.approx(NATURAL)
-  for name in ("fgsm", "pgd20", "cw50", "apgd-ce20", "apgd-dlr20"):
+  for name in ("fgsm", "pgd10", "cw10", "apgd-ce10", "apgd-dlr10"):
     assert white_box[name] == pytest.approx(ROBUST), name
   assert set(white_box) == {"natural", "n", *(s.name for s in SPECS)}
 
@@ -76,7 +78,7 @@ def test_transfer_from_an_oracle_with_opposite_gradients():
   got = ev.transfer(flipped_model, pixel_model, _images_uint8(), LABELS, SPECS[1:3], batch_size=4,
                     key=jax.random.key(0), progress=False)
   assert got == {"natural": pytest.approx(NATURAL), "fgsm": pytest.approx(6 / 7),
-                 "pgd20": pytest.approx(6 / 7), "n": 7}
+                 "pgd10": pytest.approx(6 / 7), "n": 7}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,8 +166,8 @@ def test_parse_attacks_short_names():
   specs = ev.parse_attacks("fgsm, PGD20 ,cw50,pgd20-eot10,apgd-ce,apgd-dlr50-r3,pgd7-rs,a2-eot4",
                            eps=0.031)
   by_name = {s.name: s for s in specs}
-  assert list(by_name) == ["fgsm", "pgd20", "cw50", "pgd20-eot10", "apgd-ce", "apgd-dlr50-r3", "pgd7-rs",
-                           "A2-eot4"]
+  assert list(by_name) == ["fgsm", "pgd20", "cw50", "pgd20-eot10", "apgd-ce", "apgd-dlr50-r3",
+                           "pgd7-rs", "A2-eot4"]
   assert by_name["fgsm"] == ev.AttackSpec("fgsm", "fgsm", eps=0.031)
   assert by_name["pgd20"] == ev.AttackSpec("pgd20", "pgd", eps=0.031, step_size=0.031 * 0.003 / 0.031,
                                            steps=20)

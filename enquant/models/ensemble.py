@@ -115,6 +115,11 @@ class EnResNet:
       return jnp.mean(logits, axis=0), updates["batch_stats"]
     return jnp.mean(out, axis=0)
 
+  def apply_eval(self, variables: Variables, x: jax.Array, key: jax.Array) -> jax.Array:
+    """Inference-mode logits; ``jax.tree_util.Partial(model.apply_eval, variables)`` is a logits_fn
+    whose variables are traced arguments (new weights reuse compiled evaluation functions)."""
+    return self.apply(variables, x, key, train=False)
+
   def logits_fn(self, variables: Variables):
     """``(x, key) -> logits`` in inference mode (BatchNorm running averages): what attacks see."""
     return lambda x, key: self.apply(variables, x, key, train=False)

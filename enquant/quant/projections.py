@@ -10,11 +10,12 @@ integer code per entry, with codes in ``{-L, ..., L}`` (``L = 1`` for binary and
   for float32 weights. P(w) is always computed through this product, so a loader that keeps
   ``(scale, codes)`` restores the identical P(w), bit for bit.
 
-All functions are pure and jittable (the ``*_codes`` functions and :func:`dequantize` are
-``jax.jit``-decorated with the method / bit-width arguments static; ``project_*`` compose them, so eager
-calls compile the per-tensor work once per shape), work on any shape, and return finite values for an all-zero tensor or huge (e.g. 1e30) entries: the magnitudes
-are normalised by ``max|w|`` before any sum of squares, and the scale is multiplied back at the end.
-Inputs must be finite.
+All functions are pure and jittable: the ``*_codes`` functions and :func:`dequantize` are
+``jax.jit``-decorated (method / bit-width arguments static) and ``project_*`` compose them, so eager calls
+compile the per-tensor work once per shape. They work on any shape (scalars and empty arrays included)
+and return finite values for an all-zero tensor or huge (e.g. 1e30) entries: the magnitudes are
+normalised by ``max|w|`` before any sum of squares, and the scale is multiplied back at the end. Inputs
+must be finite.
 
 Ensembles store their parameters stacked along axis 0 (``(members, H, W, I, O)`` conv kernels). A
 projection applied to such a leaf directly would share ONE scale between all members; wrap it with

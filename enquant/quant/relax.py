@@ -55,7 +55,8 @@ class BinaryRelaxState(NamedTuple):
   Attributes:
     count: number of updates done so far (int32 scalar).
     lam: the relaxation weight lambda the next update uses (float32 scalar),
-      ``lambda0 * growth ** (count // growth_every)``.
+      ``lambda0 * growth ** (count // growth_every)`` (capped at the float32 maximum; it keeps growing
+      after ``relax_steps``, where it is no longer used).
     w: the float weights (full params tree); the inner optimizer's params.
     u: the relaxed / quantized weights the model sees (full params tree; equal to ``w`` on leaves that
       are not quantized).
@@ -138,11 +139,10 @@ def _static_bool(leaf) -> bool:
 def _check_number(name: str, value, ok: Callable[[float], bool], what: str) -> None:
   if isinstance(value, jax.core.Tracer):  # e.g. under optax.inject_hyperparams: cannot be checked
     return
-  try:
-    number = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a number {what}, got {value!r}") from None
-  if isinstance(value, bool) or not ok(number):
+  is_real = isinstance(value, (int, float, np.integer, np.floating)) or (
+      isinstance(value, (np.ndarray, jax.Array)) and value.shape == ()
+      and np.issubdtype(value.dtype, np.number))
+  if isinstance(value, bool) or not is_real or not ok(float(value)):
     raise ValueError(f"{name} must be a number {what}, got {value!r}")
 
 

@@ -1,0 +1,63 @@
+"""Figures as PNG files (matplotlib, Agg backend): Fig. 1-style adversarial examples, training curves."""
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
+def _show(ax, image: np.ndarray, title: str) -> None:
+  image = np.asarray(image, np.float32)
+  if image.shape[-1] == 1:
+    ax.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+  else:
+    ax.imshow(np.clip(image, 0.0, 1.0))
+  ax.set_title(title, fontsize=8)
+  ax.axis("off")
+
+
+def adversarial_examples(path: str, clean: np.ndarray, adversarial: np.ndarray, labels: np.ndarray,
+                         clean_probs: np.ndarray, adv_probs: np.ndarray, *, eps: float,
+                         attack: str, class_names=None) -> str:
+  """Fig. 1 of the paper: clean image, perturbation (rescaled to [0, 1]), adversarial image.
+
+  Each panel is titled with the model's predicted class and its confidence (softmax probability).
+  """
+  n = len(clean)
+  names = class_names or [str(i) for i in range(clean_probs.shape[-1])]
+  fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2), squeeze=False)
+  for i in range(n):
+    pc, pa = int(np.argmax(clean_probs[i])), int(np.argmax(adv_probs[i]))
+    _show(axes[0, i], clean[i], f"true {names[labels[i]]}\npred {names[pc]} ({clean_probs[i, pc]:.0%})")
+    delta = (np.asarray(adversarial[i]) - np.asarray(clean[i])) / (2 * eps) + 0.5
+    _show(axes[1, i], delta, "perturbation")
+    _show(axes[2, i], adversarial[i], f"pred {names[pa]} ({adv_probs[i, pa]:.0%})")
+  fig.suptitle(f"{attack}, eps={eps:.3g}: clean (top), perturbation (middle, x1/(2 eps)), adversarial",
+               fontsize=9)
+  return _save(fig, path)
+
+
+def training_curves(path: str, rows: list[dict]) -> str:
+  """Test accuracy, training loss and (when logged) the M_t bound against epochs (cf. Fig. 2)."""
+  epochs = [r["epoch"] for r in rows]
+  keys = [k for k in ("test_acc", "train_loss", "m_bound", "weight_sparsity") if rows and k in rows[0]]
+  fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
+  for ax, k in zip(axes[0], keys):
+    ax.plot(epochs, [r[k] for r in rows], marker="o", ms=3)
+    ax.set_xlabel("epoch")
+    ax.set_title({"m_bound": "M_t = max_layer mean|w|"}.get(k, k), fontsize=9)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return _save(fig, path)
