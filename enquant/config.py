@@ -117,6 +117,8 @@ class EvalConfig:
     max_examples: robust evaluation on the first N test images (0: all); natural accuracy uses all.
     batch_size: evaluation batch.
     seed: key of the randomized evaluation (recorded, so numbers are reproducible).
+    max_unroll: attacks of at most this many steps run unrolled (fast on XLA:CPU, slower to compile);
+      longer ones use a rolled loop.
   """
 
   attacks: str = "a1,a2,a3"
@@ -125,6 +127,7 @@ class EvalConfig:
   max_examples: int = 1000
   batch_size: int = 256
   seed: int = 1234
+  max_unroll: int = 50
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,9 +12,11 @@ hash of its name (so adding or reordering specs changes no other number); restar
 
 Compilation: one jitted function per spec (and one for the natural pass), compiled once per shape: the
 last partial batch is padded (by repeating its own examples, so batch-wide statistics such as the
-noise's std stay close to those of real data) and the padding is masked out. ``logits_fn`` is hashed by
-identity; pass ``jax.tree_util.Partial(apply_fn, variables)`` to let the variables be traced arguments,
-so evaluating new weights of the same model reuses the compiled functions.
+noise's std stay close to those of real data) and the padding is masked out. Attack loops of at most
+``max_unroll`` steps are unrolled (see :mod:`enquant.attacks` for the speed/compile-time trade-off).
+``logits_fn`` is hashed by identity; pass ``jax.tree_util.Partial(apply_fn, variables)`` to let the
+variables be traced arguments, so evaluating new weights of the same model reuses the compiled
+functions.
 """
 
 import dataclasses
@@ -41,6 +43,11 @@ PAPER_PGD_STEPS = 20
 CW_STEPS = 50
 CW_KAPPA = 50.0
 APGD_STEPS = 100
+# Attack loops up to this many steps are unrolled by evaluate: A2 (20) and A3 (50) unrolled, APGD-100
+# rolled. Measured on the 2-core CPU (ResNet20, 28x28, batch 128, PGD-20): unrolled 10.2 img/s vs rolled
+# 2.2 img/s; compile ~1 min vs ~0.5 min. Over a 10k test set the runtime dominates. On GPU, rolled
+# loops are not slow: pass max_unroll=0 there to save compile time.
+MAX_UNROLL = 50
 
 _RESERVED = ("natural", "n")
 
@@ -215,12 +222,19 @@ def parse_attacks(names: str | Sequence[str], *, eps: float, step_size: float | 
   return tuple(specs)
 
 
-def craft(spec: AttackSpec, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key) -> jax.Array:
-  """Runs the attack ``spec`` on ``logits_fn`` (jittable; returns ``x`` for kind ``"none"``)."""
-  common = dict(eps=spec.eps, key=key, eot_samples=spec.eot_samples)
+def craft(spec: AttackSpec, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key, *,
+          max_unroll: int = MAX_UNROLL) -> jax.Array:
+  """Runs the attack ``spec`` on ``logits_fn`` (jittable; returns ``x`` for kind ``"none"``).
+
+  The attack loop is fully unrolled when ``spec.steps <= max_unroll`` (faster on XLA:CPU, compile time
+  grows with the steps) and rolled otherwise; see :mod:`enquant.attacks`.
+  """
+  common = dict(eps=spec.eps, key=key, eot_samples=spec.eot_samples,
+                unroll=spec.steps <= max_unroll)
   if spec.kind == "none":
     return x
   if spec.kind == "fgsm":
+    del common["unroll"]
     return attacks.fgsm(logits_fn, x, y, **common)
   if spec.kind == "pgd":
     return attacks.pgd(logits_fn, x, y, step_size=spec.step_size, steps=spec.steps,
@@ -237,10 +251,10 @@ def _natural_correct(eval_fn, x, y, key):
   return jnp.argmax(eval_fn(x, key), axis=-1) == y
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _spec_correct(craft_fn, eval_fn, x, y, key, *, spec: AttackSpec):
+@functools.partial(jax.jit, static_argnames=("spec", "max_unroll"))
+def _spec_correct(craft_fn, eval_fn, x, y, key, *, spec: AttackSpec, max_unroll: int):
   attack_key, eval_key = jax.random.split(key)
-  x_adv = craft(spec, craft_fn, x, y, attack_key)
+  x_adv = craft(spec, craft_fn, x, y, attack_key, max_unroll=max_unroll)
   return jnp.argmax(eval_fn(x_adv, eval_key), axis=-1) == y
 
 
@@ -282,7 +296,7 @@ def _to_float(batch: np.ndarray) -> np.ndarray:
   return batch.astype(np.float32)
 
 
-def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress, desc):
+def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress, max_unroll, desc):
   images, labels = _check_data(images, labels)
   specs = tuple(specs)
   for spec in specs:
@@ -296,6 +310,8 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
     raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
   if key is None:
     raise ValueError("evaluate needs an explicit PRNG key (record it with the results)")
+  if not isinstance(max_unroll, int) or isinstance(max_unroll, bool) or max_unroll < 0:
+    raise ValueError(f"max_unroll must be an int >= 0, got {max_unroll!r}")
   craft_fn, eval_fn = _as_partial(craft_fn), _as_partial(eval_fn)
 
   n = images.shape[0]
@@ -317,7 +333,8 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
         spec_key = jax.random.fold_in(batch_key, _stream(spec.name))
         robust = np.ones(valid, bool)
         for r in range(spec.restarts):
-          ok = _spec_correct(craft_fn, eval_fn, x, y, jax.random.fold_in(spec_key, r), spec=spec)
+          ok = _spec_correct(craft_fn, eval_fn, x, y, jax.random.fold_in(spec_key, r), spec=spec,
+                             max_unroll=max_unroll)
           robust &= np.asarray(ok)[:valid]
         correct[spec.name] += int(robust.sum())
       done = start + valid
@@ -329,7 +346,7 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
 
 
 def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *, batch_size: int,
-             key, progress: bool = True) -> dict[str, float]:
+             key, progress: bool = True, max_unroll: int = MAX_UNROLL) -> dict[str, float]:
   """Natural accuracy and white-box robust accuracy of ``logits_fn`` for each spec, over a dataset.
 
   Robust accuracy of a spec is the fraction of examples classified correctly on the adversarial image
@@ -345,6 +362,9 @@ def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *
     batch_size: examples per jitted call (the last batch is padded and masked).
     key: PRNG key of the whole evaluation (module docstring: derived per batch, spec and restart).
     progress: show a tqdm progress bar.
+    max_unroll: attacks with at most this many steps run fully unrolled (~4x faster on XLA:CPU for
+      conv nets, compile time grows with the steps: PGD-20 on ResNet20 ~1 min on 2 busy cores),
+      longer ones rolled. 0 rolls every loop (short compiles: tests, GPU).
 
   Returns:
     ``{"natural": acc, <spec.name>: acc, ..., "n": N}``.
@@ -353,12 +373,12 @@ def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *
     ValueError: for malformed data, specs, batch size or a missing key.
   """
   return _run(logits_fn, logits_fn, images, labels, specs, batch_size=batch_size, key=key,
-              progress=progress, desc="evaluate")
+              progress=progress, max_unroll=max_unroll, desc="evaluate")
 
 
 def transfer(oracle_logits_fn: LogitsFn, target_logits_fn: LogitsFn, images, labels,
-             specs: Sequence[AttackSpec], *, batch_size: int, key, progress: bool = True
-             ) -> dict[str, float]:
+             specs: Sequence[AttackSpec], *, batch_size: int, key, progress: bool = True,
+             max_unroll: int = MAX_UNROLL) -> dict[str, float]:
   """Black-box transfer: adversarial examples crafted on the oracle, accuracy of the target.
 
   The paper's Table III. Keys are derived exactly as in :func:`evaluate`, so with
@@ -369,7 +389,7 @@ def transfer(oracle_logits_fn: LogitsFn, target_logits_fn: LogitsFn, images, lab
     examples, ..., "n": N}``.
   """
   return _run(oracle_logits_fn, target_logits_fn, images, labels, specs, batch_size=batch_size,
-              key=key, progress=progress, desc="transfer")
+              key=key, progress=progress, max_unroll=max_unroll, desc="transfer")
 
 
 def robustbench_entry(result: Mapping[str, float], spec_name: str, *, threat_model: str = "Linf",

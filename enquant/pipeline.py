@@ -219,11 +219,12 @@ def robust_evaluation(cfg: ExperimentConfig, model: EnResNet, variables, images,
   target_fn = jax.tree_util.Partial(model.apply_eval, variables)
   if oracle is None:
     acc = evaluate_lib.evaluate(target_fn, images, labels, specs, batch_size=cfg.eval.batch_size,
-                                key=key, progress=progress)
+                                key=key, progress=progress, max_unroll=cfg.eval.max_unroll)
   else:
     oracle_fn = jax.tree_util.Partial(oracle[0].apply_eval, oracle[1])
     acc = evaluate_lib.transfer(oracle_fn, target_fn, images, labels, specs,
-                                batch_size=cfg.eval.batch_size, key=key, progress=progress)
+                                batch_size=cfg.eval.batch_size, key=key, progress=progress,
+                                max_unroll=cfg.eval.max_unroll)
   out: dict[str, Any] = {"accuracy": acc, "attacks": [s.to_dict() for s in specs],
                          "eval_seed": cfg.eval.seed, "examples": int(acc["n"])}
   robust = {s.name: acc[s.name] for s in specs if s.kind != "none"}
@@ -298,7 +299,8 @@ def figure_examples(cfg, model, variables, ds, path: str, count: int = 8) -> Non
   y = jax.numpy.asarray(ds.test_labels[:count])
   key = jax.random.PRNGKey(cfg.eval.seed)
   fn = model.logits_fn(variables)
-  x_adv = jax.jit(lambda xx, yy, k: evaluate_lib.craft(spec, fn, xx, yy, k))(x, y, key)
+  x_adv = jax.jit(lambda xx, yy, k: evaluate_lib.craft(spec, fn, xx, yy, k,
+                                                       max_unroll=cfg.eval.max_unroll))(x, y, key)
   probs = lambda z: np.asarray(jax.nn.softmax(fn(z, key)))
   plots.adversarial_examples(path, np.asarray(x), np.asarray(x_adv), ds.test_labels[:count],
                              probs(x), probs(x_adv), eps=spec.eps, attack=spec.name)

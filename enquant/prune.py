@@ -221,9 +221,10 @@ def noise_draws(model_config: ModelConfig, x_shape: Sequence[int], key: jax.Arra
   """The ``N(0, I)`` draws of every block and member that ``EnResNet.apply(..., x, key)`` makes.
 
   Member ``i`` uses ``jax.random.split(key, n)[i]`` and block ``stage{s}_block{b}`` draws from
-  ``make_rng("noise")`` in a scope of that name, drawn under ``jax.vmap`` over the members exactly as
-  :meth:`enquant.models.EnResNet.apply` does: so the draws are bitwise those of the unpruned model for
-  every PRNG implementation (``rbg`` keys give different numbers under ``vmap`` than one key at a time).
+  ``make_rng("noise")`` in a scope of that name, mapped over the members exactly as
+  :meth:`enquant.models.EnResNet.apply` maps them (``map_members``: vmap or unrolled): so the draws are
+  bitwise those of the unpruned model for every PRNG implementation (``rbg`` keys give different numbers
+  under ``vmap`` than one key at a time).
 
   Args:
     model_config: the model.
@@ -240,7 +241,8 @@ def noise_draws(model_config: ModelConfig, x_shape: Sequence[int], key: jax.Arra
     shapes.append((name, (n, h, w, width)))
   draws = _NoiseDraws(tuple(shapes))
   keys = jax.random.split(key, model_config.ensembles)
-  return jax.vmap(lambda k: draws.apply({}, rngs={"noise": k}))(keys)
+  return EnResNet(model_config).map_members(
+      lambda _, k: draws.apply({}, rngs={"noise": k}), None, keys)
 
 
 # ------------------------------------------------------------------------------------- cost model

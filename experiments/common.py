@@ -57,6 +57,8 @@ flags.DEFINE_integer("eot_samples", 5, "Also run every attack with EOT over K no
 flags.DEFINE_float("eval_eps", 8 / 255, "Evaluation attack l_inf radius.")
 flags.DEFINE_integer("eval_max", 1000, "Robust evaluation on the first N test images (0: all).")
 flags.DEFINE_integer("eval_seed", 1234, "Key of the (randomized) evaluation.")
+flags.DEFINE_integer("max_unroll", 50, "Attacks of at most this many steps are unrolled (faster on "
+                     "XLA:CPU, slower to compile).")
 # Run.
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>-<model>-<quant>-<loss>-s<seed>).")
 flags.DEFINE_bool("quick", False, "Shrink everything for a CPU smoke run.")
@@ -94,7 +96,8 @@ def config_from_flags(dataset: str):
           lambda0=FLAGS.br_lambda0, growth=FLAGS.br_growth, growth_every_epochs=FLAGS.br_growth_every,
           relax_fraction=FLAGS.br_relax_fraction),
       eval=config_lib.EvalConfig(attacks=FLAGS.attacks, eps=FLAGS.eval_eps, max_examples=FLAGS.eval_max,
-                                 seed=FLAGS.eval_seed, eot_samples=FLAGS.eot_samples),
+                                 seed=FLAGS.eval_seed, eot_samples=FLAGS.eot_samples,
+                                 max_unroll=FLAGS.max_unroll),
   )
   from enquant import evaluate  # pylint: disable=g-import-not-at-top
   evaluate.parse_attacks(FLAGS.attacks, eps=FLAGS.eval_eps)  # fail now, not after training

@@ -52,8 +52,9 @@ SPECS = ev.parse_attacks("none,fgsm,pgd10,cw10,apgd-ce10,apgd-dlr10", eps=EPS, s
 
 @pytest.fixture(scope="module")
 def white_box():
+  # rolled loops (max_unroll=0) compile fastest; the unrolled default is compared below
   return ev.evaluate(pixel_model, _images_uint8(), LABELS, SPECS, batch_size=4, key=jax.random.key(0),
-                     progress=False)
+                     progress=False, max_unroll=0)
 
 
 def test_accuracies_of_a_model_with_known_predictions(white_box):
@@ -70,6 +71,12 @@ def test_float_images_and_any_batch_size_give_the_same_numbers(white_box):
   got = ev.evaluate(pixel_model, images, LABELS, SPECS[:2], batch_size=3, key=jax.random.key(0),
                     progress=False)
   assert got == {k: white_box[k] for k in ("natural", "none", "fgsm", "n")}
+
+
+def test_rolled_and_unrolled_attack_loops_give_the_same_numbers(white_box):
+  got = ev.evaluate(pixel_model, _images_uint8(), LABELS, SPECS[2:4], batch_size=4,
+                    key=jax.random.key(0), progress=False)
+  assert got == {k: white_box[k] for k in ("natural", "pgd10", "cw10", "n")}
 
 
 def test_transfer_from_an_oracle_with_opposite_gradients():

@@ -100,9 +100,10 @@ def test_block_noise_scale_is_coef_times_one_batch_std():
   block_noisy = PreActBlock(16, noise_coef=0.25)
   block_clean = PreActBlock(16, noise_coef=0.0)
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 16))
-  v = block_clean.init(jax.random.PRNGKey(1), x, train=False)
-  clean = block_clean.apply(v, x, train=False)
-  noisy = block_noisy.apply(v, x, train=False, rngs={"noise": jax.random.PRNGKey(2)})
+  v = jax.jit(block_clean.init, static_argnames="train")(jax.random.PRNGKey(1), x, train=False)
+  clean = jax.jit(lambda v, x: block_clean.apply(v, x, train=False))(v, x)
+  noisy = jax.jit(lambda v, x, k: block_noisy.apply(v, x, train=False, rngs={"noise": k}))(
+      v, x, jax.random.PRNGKey(2))
   z = (noisy - clean) / (0.25 * jnp.std(clean))
   # z should be standard normal: 32768 draws give mean/std within a few 1e-2.
   assert abs(float(jnp.mean(z))) < 0.03
@@ -116,8 +117,8 @@ def test_ensemble_of_identical_members_equals_one_member():
   one = EnResNet(cfg1)
   v1 = one.init(jax.random.PRNGKey(0), x)
   v3 = jax.tree.map(lambda a: jnp.concatenate([a] * 3), v1)
-  chex.assert_trees_all_close(EnResNet(cfg3).apply(v3, x, jax.random.PRNGKey(0)),
-                              one.apply(v1, x, jax.random.PRNGKey(0)), atol=1e-6)
+  chex.assert_trees_all_close(jax.jit(EnResNet(cfg3).apply)(v3, x, jax.random.PRNGKey(0)),
+                              jax.jit(one.apply)(v1, x, jax.random.PRNGKey(0)), atol=1e-6)
 
 
 def test_members_are_independent_and_logits_are_averaged():
@@ -126,7 +127,19 @@ def test_members_are_independent_and_logits_are_averaged():
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 3))
   v = model.init(jax.random.PRNGKey(0), x)
   assert not np.allclose(v["params"]["stem"]["kernel"][0], v["params"]["stem"]["kernel"][1])
-  single = EnResNet(ModelConfig(num_classes=5, ensembles=1, noise_coef=0.0, **TINY))
-  member = lambda i: single.apply(jax.tree.map(lambda a: a[i:i + 1], v), x, jax.random.PRNGKey(0))
-  chex.assert_trees_all_close(model.apply(v, x, jax.random.PRNGKey(0)),
+  single = jax.jit(EnResNet(ModelConfig(num_classes=5, ensembles=1, noise_coef=0.0, **TINY)).apply)
+  member = lambda i: single(jax.tree.map(lambda a: a[i:i + 1], v), x, jax.random.PRNGKey(0))
+  chex.assert_trees_all_close(jax.jit(model.apply)(v, x, jax.random.PRNGKey(0)),
                               (member(0) + member(1)) / 2, atol=1e-6)
+
+
+def test_vmapped_and_unrolled_members_give_the_same_logits_and_stats():
+  cfg = ModelConfig(num_classes=5, ensembles=2, noise_coef=0.1, **TINY)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 3))
+  v = EnResNet(cfg).init(jax.random.PRNGKey(0), x)
+  key = jax.random.PRNGKey(2)
+  outs = [jax.jit(EnResNet(cfg, member_map=m).apply, static_argnames="train")(v, x, key, train=True)
+          for m in ("vmap", "unrolled")]
+  chex.assert_trees_all_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="member_map"):
+    EnResNet(cfg, member_map="pmap")

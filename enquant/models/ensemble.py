@@ -69,11 +69,39 @@ class ModelConfig:
                          mid_widths=mid_widths)
 
 
+MEMBER_MAPS = ("auto", "vmap", "unrolled")
+
+
 @dataclasses.dataclass(frozen=True)
 class EnResNet:
-  """Functional handle on an En_n ResNet: ``init`` and ``apply`` over stacked variables."""
+  """Functional handle on an En_n ResNet: ``init`` and ``apply`` over stacked variables.
+
+  Attributes:
+    config: the model.
+    member_map: how the members are applied to the stacked variables. ``"vmap"`` vectorises them
+      (``jax.vmap``: batched convolutions, the natural choice on GPU/TPU); ``"unrolled"`` applies member i
+      to slice i of the same stacked arrays, one after the other in the same jitted program (XLA:CPU runs
+      vmapped convolutions as a slow grouped convolution: measured 13x slower for En2 on 2 CPU cores,
+      BUILD_NOTES.md). ``"auto"``: unrolled on CPU, vmap elsewhere. Both give the same numbers (tested);
+      the random keys per member are the same.
+  """
 
   config: ModelConfig
+  member_map: str = "auto"
+
+  def __post_init__(self):
+    if self.member_map not in MEMBER_MAPS:
+      raise ValueError(f"member_map must be one of {MEMBER_MAPS}, got {self.member_map!r}")
+
+  def map_members(self, fn, variables, keys):
+    """``vmap(fn)(variables, keys)`` or its unrolled equivalent (stacked outputs either way)."""
+    strategy = self.member_map
+    if strategy == "auto":
+      strategy = "unrolled" if jax.default_backend() == "cpu" else "vmap"
+    if strategy == "vmap" or self.members == 1:
+      return jax.vmap(fn)(variables, keys)
+    outs = [fn(jax.tree.map(lambda a, i=i: a[i], variables), keys[i]) for i in range(self.members)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
   @property
   def members(self) -> int:
@@ -109,7 +137,7 @@ class EnResNet:
         return module.apply(v, x, train=True, rngs={"noise": k}, mutable=["batch_stats"])
       return module.apply(v, x, train=False, rngs={"noise": k})
 
-    out = jax.vmap(apply_one)(variables, keys)
+    out = self.map_members(apply_one, variables, keys)
     if train:
       logits, updates = out
       return jnp.mean(logits, axis=0), updates["batch_stats"]

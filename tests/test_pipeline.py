@@ -1,0 +1,109 @@
+"""End to end: a short Binary-Relax run writes a complete run directory; the CLI rejects bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from enquant import config as config_lib
+from enquant import export
+from enquant import pipeline
+from enquant import train as train_lib
+from enquant.models import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ternary_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("br_run"))
+  cfg = config_lib.ExperimentConfig(
+      dataset="mnist", data_source="embedded", max_train=1920, max_test=256,
+      model=ModelConfig(num_classes=10, depth=8, widths=(8, 16, 16), noise_coef=0.1, ensembles=2),
+      train=config_lib.TrainConfig(epochs=2, batch_size=32, lr=0.2, lr_schedule="cosine"),
+      quant=config_lib.QuantConfig(mode="br", bits=2, growth=1.5, growth_every_epochs=0.2,
+                                   relax_fraction=0.5),
+      eval=config_lib.EvalConfig(attacks="a1", eps=0.1, max_examples=64, eot_samples=0, batch_size=64),
+  )
+  results = pipeline.train_and_evaluate(cfg, workdir, progress=False, log=lambda *_: None)
+  return cfg, workdir, results
+
+
+def test_short_br_run_ends_exactly_in_the_quantized_set_and_beats_chance(ternary_run):
+  cfg, workdir, results = ternary_run
+  _, _, variables, state = pipeline.load_run(workdir)
+  # After relax_steps the model's params are u = P(w) exactly: every conv kernel of every member takes
+  # at most three values {-a, 0, a}, and equals the evaluated P(w) bitwise.
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+    name = jax.tree_util.keystr(path)
+    if leaf.ndim == 5:
+      for member in np.asarray(leaf):
+        values = np.unique(np.abs(member))
+        assert len(values[values > 0]) <= 1, (name, values[:5])
+  np.testing.assert_array_equal(np.asarray(state.params["stage1_block1"]["conv1"]["kernel"]),
+                                np.asarray(variables["params"]["stage1_block1"]["conv1"]["kernel"]))
+  assert results["natural_accuracy"] > 0.4, results["natural_accuracy"]
+
+
+def test_run_directory_holds_results_tables_figures_and_a_packed_model(ternary_run):
+  _, workdir, results = ternary_run
+  for name in ("config.json", "metrics.jsonl", "results.json", "results.md", "model_packed.npz",
+               "adversarial_examples.png", "training_curves.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  saved = json.load(open(os.path.join(workdir, "results.json")))
+  eff = saved["efficiency"]
+  assert 0 < eff["sparsity"]["total/weight_sparsity"] < 1  # ternary weights have exact zeros
+  assert eff["packed"]["packed_bytes"] < eff["packed"]["float32_bytes"] / 4
+  assert eff["pruning"]["params_after"] <= eff["pruning"]["params_before"]
+  robust = saved["robust"]
+  assert robust["examples"] == 64 and 0 <= robust["accuracy"]["A1"] <= 1
+  assert robust["robustbench"]["robust_acc"] == robust["accuracy"]["A1"]
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert all("m_bound" in r and "weight_sparsity" in r for r in rows)
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "| N | A1 |" in table and f"{100 * results['natural_accuracy']:.2f}%" in table
+  # The packed file restores exactly the evaluated P(w).
+  _, _, variables, _ = pipeline.load_run(workdir)
+  restored = export.unpack(export.load(os.path.join(workdir, "model_packed.npz")))
+  restored = restored.get("params", restored)
+  np.testing.assert_array_equal(np.asarray(restored["stem"]["kernel"]),
+                                np.asarray(variables["params"]["stem"]["kernel"]))
+
+
+def test_evaluation_of_a_randomized_model_is_reproducible_with_the_same_key(ternary_run):
+  cfg, workdir, results = ternary_run
+  _, model, variables, _ = pipeline.load_run(workdir)
+  from enquant import data as data_lib  # pylint: disable=g-import-not-at-top
+  ds = data_lib.load("mnist", source="embedded", max_test=64, max_train=1)
+  again = pipeline.robust_evaluation(cfg, model, variables, ds.test_images, ds.test_labels,
+                                     progress=False)
+  assert again["accuracy"] == results["robust"]["accuracy"]
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--ensembles=0", "ensembles must be >= 1"),
+    ("--depth=21", "depth must be 6n+2"),
+    ("--attacks=pgd20,foo", "unknown attack 'foo'"),
+    ("--bits=9", "bits must be in 1..8"),
+])
+def test_cli_rejects_bad_flags_with_one_clear_line(flag, message, tmp_path):
+  proc = _cli("experiments.mnist", flag, f"--workdir={tmp_path}")
+  assert proc.returncode != 0
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+
+
+def test_cli_reports_missing_data_clearly(tmp_path):
+  proc = _cli("experiments.cifar10", f"--data_dir={tmp_path}", "--data_source=local",
+              f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode != 0
+  assert "error: " in proc.stderr and "cifar" in proc.stderr.lower()
