@@ -190,15 +190,7 @@ def _flatten(tree) -> dict[str, Any]:
 
 
 def _mask_flat(params, mask: MaskOrFn | None) -> dict[str, bool]:
-  if mask is None:
-    tree = quant.conv_kernel_mask(params)
-  elif callable(mask):
-    tree = mask(params)
-  else:
-    tree = mask
-  if jax.tree.structure(tree) != jax.tree.structure(params):
-    raise ValueError(f"mask must have the structure of params: got {jax.tree.structure(tree)} for "
-                     f"{jax.tree.structure(params)}")
+  tree = quant.resolve_mask(mask, params)
   return {k: bool(v) for k, v in _flatten(tree).items()}
 
 

@@ -32,22 +32,13 @@ from typing import Any, Callable, Union
 import jax
 import numpy as np
 
+from enquant import quant
 from enquant.quant import conv_kernel_mask
 
 MaskOrFn = Union[Any, Callable[[Any], Any]]
 
 
-def path_names(path) -> list[str]:
-  """The names along a ``jax.tree_util`` key path (dict keys, attribute names, sequence indices)."""
-  names = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        names.append(str(getattr(entry, attr)))
-        break
-  while names and names[-1] in ("value", "raw_value"):  # nnx.State: drop the Variable wrapper level
-    names.pop()
-  return names
+path_names = quant.path_names  # re-exported: the mask and the report name leaves alike
 
 
 def spatial_conv_mask(params) -> Any:
@@ -78,15 +69,7 @@ def conv_kernels(params, mask: MaskOrFn | None = None) -> dict[str, np.ndarray]:
   Raises:
     ValueError: when the mask does not match ``params`` or selects a leaf with fewer than 4 axes.
   """
-  if mask is None:
-    tree = conv_kernel_mask(params)
-  elif callable(mask):
-    tree = mask(params)
-  else:
-    tree = mask
-  if jax.tree.structure(tree) != jax.tree.structure(params):
-    raise ValueError(f"mask must have the structure of params: got mask {jax.tree.structure(tree)} for "
-                     f"params {jax.tree.structure(params)}")
+  tree = quant.resolve_mask(mask, params)
   selected = {}
   flat_mask = jax.tree.leaves(tree)
   for (path, leaf), keep in zip(jax.tree_util.tree_flatten_with_path(params)[0], flat_mask):

@@ -8,6 +8,7 @@ or N devices (CPU, GPU, TPU) without ``pmean`` plumbing, and the state needs no 
 """
 
 from collections.abc import Callable
+import functools
 import time
 from typing import Any, NamedTuple
 
@@ -148,7 +149,12 @@ def eval_params(state: TrainState, qcfg: QuantConfig):
   """The weights to evaluate/export: P(w) of the float weights for quantized runs, else the params."""
   if not qcfg.enabled:
     return state.params
-  return quant.quantized(state.opt_state, projection_for(qcfg))
+  return _quantized_params(state.opt_state, qcfg)
+
+
+@functools.partial(jax.jit, static_argnames="qcfg")
+def _quantized_params(opt_state, qcfg: QuantConfig):
+  return quant.quantized(opt_state, projection_for(qcfg))
 
 
 def make_eval_step(model: EnResNet, mesh: Mesh):

@@ -120,7 +120,9 @@ def default_workdir(cfg) -> str:
 def run(dataset: str) -> None:
   """Entry point body shared by every dataset: exits non-zero with one clear line on bad input."""
   from enquant import pipeline  # pylint: disable=g-import-not-at-top
+  import experiments  # pylint: disable=g-import-not-at-top
 
+  experiments.quiet_logs()
   try:
     cfg = config_from_flags(dataset)
     workdir = FLAGS.workdir or default_workdir(cfg)

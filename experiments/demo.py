@@ -14,10 +14,11 @@ from absl import flags
 from experiments import common
 
 DEMO_DEFAULTS = dict(
-    data_source="embedded", ensembles=2, depth=8, width=8, epochs=3, batch_size=64, lr=0.05,
-    lr_schedule="cosine", quant="br", bits=1, br_growth=1.2, br_growth_every=0.25,
+    data_source="embedded", ensembles=2, depth=8, width=8, epochs=3, batch_size=64, lr=0.1,
+    lr_schedule="cosine", quant="br", bits=1, br_growth=1.3, br_growth_every=0.2,
     br_relax_fraction=0.67, loss="tradeoff", alpha=1.0, beta=8.0, train_eps=0.1,
-    train_step_size=0.04, train_steps=3, eval_eps=0.1, eval_max=500, workdir="runs/demo",
+    train_step_size=0.04, train_steps=3, eval_eps=0.1, eval_max=200, eot_samples=0,
+    max_unroll=0, workdir="runs/demo",
 )
 
 if __name__ == "__main__":

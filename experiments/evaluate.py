@@ -76,6 +76,7 @@ def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
+  experiments.quiet_logs()
   try:
     evaluate_run()
   except (ValueError, FileNotFoundError) as e:

@@ -107,3 +107,19 @@ def test_cli_reports_missing_data_clearly(tmp_path):
               f"--workdir={tmp_path / 'run'}")
   assert proc.returncode != 0
   assert "error: " in proc.stderr and "cifar" in proc.stderr.lower()
+
+
+def test_transfer_from_the_model_itself_equals_white_box(ternary_run):
+  cfg, workdir, results = ternary_run
+  _, model, variables, _ = pipeline.load_run(workdir)
+  from enquant import data as data_lib  # pylint: disable=g-import-not-at-top
+  ds = data_lib.load("mnist", source="embedded", max_test=64, max_train=1)
+  transferred = pipeline.robust_evaluation(cfg, model, variables, ds.test_images, ds.test_labels,
+                                           progress=False, oracle=(model, variables))
+  assert transferred["accuracy"] == results["robust"]["accuracy"]
+
+
+def test_evaluate_cli_reports_a_missing_run_clearly(tmp_path):
+  proc = _cli("experiments.evaluate", f"--run={tmp_path}")
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: no run in")

@@ -17,8 +17,10 @@ from enquant.quant.relax import binary_relax
 from enquant.quant.relax import BinaryRelaxState
 from enquant.quant.relax import conv_kernel_mask
 from enquant.quant.relax import float_weights
+from enquant.quant.relax import path_names
 from enquant.quant.relax import quantized
 from enquant.quant.relax import relaxed_weights
+from enquant.quant.relax import resolve_mask
 from enquant.quant.relax import snap_params
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "float_weights",
     "make_codes",
     "make_projection",
+    "path_names",
     "mbit_codes",
     "per_member",
     "project_binary",
@@ -40,6 +43,7 @@ __all__ = [
     "project_ternary",
     "quantized",
     "relaxed_weights",
+    "resolve_mask",
     "snap_params",
     "ternary_codes",
 ]

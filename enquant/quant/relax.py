@@ -73,7 +73,8 @@ class BinaryRelaxState(NamedTuple):
 # ------------------------------------------------------------------------------------------- masks
 
 
-def _path_names(path) -> list[str]:
+def path_names(path) -> list[str]:
+  """The names along a ``jax.tree_util`` key path (dict keys, attribute names, sequence indices)."""
   names = []
   for entry in path:
     for attr in ("key", "name", "idx"):
@@ -102,13 +103,15 @@ def conv_kernel_mask(params: optax.Params) -> Any:
   """
 
   def is_conv_kernel(path, leaf) -> bool:
-    names = _path_names(path)
+    names = path_names(path)
     return bool(names) and names[-1] == "kernel" and len(np.shape(leaf)) >= 4
 
   return jax.tree_util.tree_map_with_path(is_conv_kernel, params)
 
 
-def _resolve_mask(mask: MaskOrFn | None, params: optax.Params) -> Any:
+def resolve_mask(mask: MaskOrFn | None, params: optax.Params) -> Any:
+  """The mask as a pytree of Python bools (``None``: :func:`conv_kernel_mask`); ValueError if its
+  structure is not that of ``params``."""
   if mask is None:
     tree = conv_kernel_mask(params)
   elif callable(mask):
@@ -234,7 +237,7 @@ def binary_relax(
   def update_fn(updates, state: BinaryRelaxState, params=None):
     if params is None:
       raise ValueError("binary_relax needs `params` (the current u) in update(grads, state, params)")
-    is_quantized = _resolve_mask(mask, params)
+    is_quantized = resolve_mask(mask, params)
     inner_updates, inner_state = inner.update(updates, state.inner_state, state.w)
     w = optax.apply_updates(state.w, inner_updates)
     relaxing = state.count < relax_steps
@@ -375,5 +378,5 @@ def quantized(params_or_state, projection: Projection, mask: MaskOrFn | None = N
   if not callable(projection):
     raise ValueError(f"projection must be callable, got {projection!r}")
   tree = float_weights(params_or_state) if _find_states(params_or_state) else params_or_state
-  is_quantized = _resolve_mask(mask, tree)
+  is_quantized = resolve_mask(mask, tree)
   return jax.tree.map(lambda q, leaf: projection(leaf) if q else leaf, is_quantized, tree)
