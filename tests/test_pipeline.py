@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def ternary_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("br_run"))
   cfg = config_lib.ExperimentConfig(
-      dataset="mnist", data_source="embedded", max_train=1920, max_test=256,
+      dataset="mnist", data_source="embedded", max_train=1280, max_test=256,
       model=ModelConfig(num_classes=10, depth=8, widths=(8, 16, 16), noise_coef=0.1, ensembles=2),
       train=config_lib.TrainConfig(epochs=2, batch_size=32, lr=0.2, lr_schedule="cosine"),
       quant=config_lib.QuantConfig(mode="br", bits=2, growth=1.5, growth_every_epochs=0.2,

@@ -34,7 +34,7 @@ def test_two_device_step_equals_one_device_step():
   assert jax.device_count() >= 2, "conftest sets 2 host devices"
   model = EnResNet(TINY_MODEL)
   cfg = config_lib.TrainConfig(epochs=1, batch_size=8, lr=0.1)
-  qcfg = config_lib.QuantConfig(mode="br", bits=1)
+  qcfg = config_lib.QuantConfig()  # Binary-Relax under a mesh: tests/test_relax.py
   tx, _ = train_lib.make_optimizer(cfg, qcfg, steps_per_epoch=4)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
