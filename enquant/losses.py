@@ -18,7 +18,6 @@ References:
 """
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax

@@ -12,7 +12,6 @@ import pytest
 from enquant import config as config_lib
 from enquant import export
 from enquant import pipeline
-from enquant import train as train_lib
 from enquant.models import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
