@@ -21,11 +21,11 @@ Key schedule (fixed, so results are reproducible and tests can recompute them):
   ``step_key`` itself, otherwise ``jax.random.split(step_key, eot_samples)`` (one model key per
   sample; the gradients are averaged, vmapped over the keys). FGSM uses ``key`` as its only step key.
 
-Speed on XLA:CPU (DESIGN.md §6): gradient convolutions inside a rolled ``while`` loop take a slow
-path (~4x). ``pgd`` and ``cw_linf`` therefore unroll their loop by default (``unroll=True``), which
-multiplies compile time by about the number of steps (PGD-10 on ResNet20 ~15 s); pass
-``unroll=False`` for long attacks or when compile time matters more. ``apgd`` (100 steps by default)
-stays rolled.
+Loops are rolled by default (``unroll=False``): one copy of the step in the compiled program, so compile
+time does not grow with the number of steps. With JAX's stock convolution gradient XLA:CPU runs the
+input-gradient convolutions inside a ``while`` loop ~4x slower than unrolled; enquant's models use
+:mod:`enquant.models.conv`, whose input gradient is a forward-layout convolution, and there rolled loops are
+as fast as unrolled ones (BUILD_NOTES.md). ``unroll=True`` is still accepted.
 
 References:
   Goodfellow et al., "Explaining and harnessing adversarial examples", 2015 (FGSM).
@@ -247,7 +247,7 @@ def _sign_pgd(logits_fn, x, y, *, eps, step_size, steps, key, random_start, loss
 
 def pgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, step_size, steps: int, key=None,
         random_start: bool = True, loss: str = "ce", eot_samples: int = 1,
-        unroll: bool | int = True) -> jax.Array:
+        unroll: bool | int = False) -> jax.Array:
   """Projected gradient descent (IFGSM) in the l_inf ball: ``x <- P(x + step_size * sign(grad))``.
 
   ``P`` projects onto the eps-ball around the clean ``x`` *and* [0, 1] after every step. With
@@ -266,8 +266,7 @@ def pgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, step_size, step
     random_start: start from a uniform point of the eps-ball.
     loss: ``"ce"`` cross-entropy or ``"cw"`` the (unclamped) CW margin ``-(z_y - max_{j!=y} z_j)``.
     eot_samples: number of noise keys each step's gradient is averaged over (EOT); 1 is plain PGD.
-    unroll: ``lax.fori_loop`` unrolling; ``True`` (full) is ~4x faster on XLA:CPU for conv nets but
-      compiles longer (see the module docstring).
+    unroll: ``lax.fori_loop`` unrolling (rolled by default: see the module docstring).
 
   Returns:
     The adversarial images, gradient stopped.
@@ -287,7 +286,7 @@ def pgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, step_size, step
 
 def cw_linf(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, step_size, steps: int, key=None,
             kappa: float = 0.0, eot_samples: int = 1, random_start: bool = False,
-            unroll: bool | int = True) -> jax.Array:
+            unroll: bool | int = False) -> jax.Array:
   """Carlini-Wagner margin attack under l_inf PGD.
 
   Minimises ``max(z_y - max_{j!=y} z_j, -kappa)`` with sign-gradient steps projected onto the eps-ball
@@ -442,9 +441,13 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, steps: int = 1
   return jax.lax.stop_gradient(jnp.where(found, state.x_adv, state.x_best))
 
 
-def _apgd_run(logits_fn, x, y, *, eps, steps, key, loss, eot_samples, rho, random_start, unroll
-              ) -> APGDState:
-  """The APGD iterations of :func:`apgd` (arguments already checked); returns the final state."""
+def _apgd_run(logits_fn, x, y, *, eps, steps, key, loss, eot_samples, rho, random_start, unroll,
+              loss_fn: Callable | None = None) -> APGDState:
+  """The APGD iterations of :func:`apgd` (arguments already checked); returns the final state.
+
+  ``loss_fn(logits, y) -> (batch,)`` replaces the named ``loss`` when given (e.g. the targeted DLR loss
+  of :mod:`enquant.autoattack`); misclassification is still tracked against ``y``.
+  """
   checkpoints = apgd_checkpoints(steps)
   is_check = np.zeros(steps, bool)
   window = np.ones(steps, np.float32)
@@ -454,7 +457,7 @@ def _apgd_run(logits_fn, x, y, *, eps, steps, key, loss, eot_samples, rho, rando
   is_check = jnp.asarray(is_check)
   threshold = jnp.asarray(rho * window)
 
-  grad_fn = _loss_grad_fn(logits_fn, _LOSSES[loss], eot_samples)
+  grad_fn = _loss_grad_fn(logits_fn, _LOSSES[loss] if loss_fn is None else loss_fn, eot_samples)
   start_key, step_keys = _schedule(key, steps + 1)
   batch = x.shape[0]
   per_example = (batch,) + (1,) * (x.ndim - 1)

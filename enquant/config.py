@@ -18,6 +18,7 @@ from enquant.models.ensemble import ModelConfig
 QUANT_MODES = ("float", "bc", "br")
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 TERNARY_METHODS = ("exact", "twn", "br")
+MBIT_METHODS = ("bcgd", "lloyd", "exact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,10 @@ class QuantConfig:
   Attributes:
     mode: "float" (none), "bc" (Binary-Connect) or "br" (Binary-Relax).
     bits: 1 binary, 2 ternary, 4 (or 3..8) m-bit.
-    ternary_method: "exact" | "twn" | "br" projection for bits=2.
+    ternary_method: "exact" | "twn" | "br" projection for bits=2 ("br" is BinaryRelax's quantize_tnn,
+      the paper's "tnn").
+    mbit_method: "bcgd" (BinaryRelax/BCGD's quantize_fbit, the paper's 4-bit) | "lloyd" | "exact" for
+      bits >= 3.
     lambda0: initial relaxation weight lambda.
     growth: lambda's growth rate rho.
     growth_every_epochs: lambda *= growth every this many epochs (converted to steps, at least 1).
@@ -38,6 +42,7 @@ class QuantConfig:
   mode: str = "float"
   bits: int = 1
   ternary_method: str = "exact"
+  mbit_method: str = "lloyd"
   lambda0: float = 1.0
   growth: float = 1.05
   growth_every_epochs: float = 1.0
@@ -50,6 +55,8 @@ class QuantConfig:
       raise ValueError(f"bits must be in 1..8 (1 binary, 2 ternary, 4 four-bit), got {self.bits}")
     if self.ternary_method not in TERNARY_METHODS:
       raise ValueError(f"ternary_method must be one of {TERNARY_METHODS}, got {self.ternary_method!r}")
+    if self.mbit_method not in MBIT_METHODS:
+      raise ValueError(f"mbit_method must be one of {MBIT_METHODS}, got {self.mbit_method!r}")
     if self.lambda0 <= 0 or self.growth < 1 or self.growth_every_epochs <= 0:
       raise ValueError(f"need lambda0 > 0, growth >= 1, growth_every_epochs > 0; got "
                        f"{self.lambda0}, {self.growth}, {self.growth_every_epochs}")
@@ -75,7 +82,8 @@ class TrainConfig:
     lr_decay: multistep decay factor.
     momentum: SGD momentum (Nesterov).
     weight_decay: L2 weight decay (acts on the float weights w under Binary-Relax).
-    augment: pad-4 random crop + flip (None: on for 32x32 datasets, off for 28x28 digits).
+    augment: pad-4 random crop (None: on for 32x32 datasets, off for 28x28 digits).
+    flip: random horizontal flips with the crop (None: on except for SVHN, whose digits flip meaning).
     seed: seeds initialisation, batching, augmentation, noise and attacks.
   """
 
@@ -88,6 +96,7 @@ class TrainConfig:
   momentum: float = 0.9
   weight_decay: float = 5e-4
   augment: bool | None = None
+  flip: bool | None = None
   seed: int = 0
 
   def __post_init__(self):
@@ -113,21 +122,25 @@ class EvalConfig:
       The default a1,a2,a3 are the paper's FGSM, IFGSM-20 and CW-l_inf (50 steps).
     eot_samples: for randomized models (noise_coef > 0) each attack is repeated with gradients averaged
       over this many noise draws (EOT); <= 1 disables.
-    eps: l_inf radius of the evaluation attacks.
-    max_examples: robust evaluation on the first N test images (0: all); natural accuracy uses all.
+    eps: l_inf radius of the evaluation attacks (the paper: 0.031 for every dataset).
+    extra_eps: further radii at which every attack also runs (named ``<attack>@<eps>``; MNIST and
+      Fashion-MNIST also at 0.1 and 0.3 in the paper protocol).
+    max_examples: robust evaluation on the first N test images (0: all, the paper protocol); natural
+      accuracy always uses all.
     batch_size: evaluation batch.
     seed: key of the randomized evaluation (recorded, so numbers are reproducible).
-    max_unroll: attacks of at most this many steps run unrolled (fast on XLA:CPU, slower to compile);
-      longer ones use a rolled loop.
+    max_unroll: attacks of at most this many steps run unrolled (compile time grows with the steps);
+      0 rolls every loop (as fast, with enquant's convolution gradient).
   """
 
   attacks: str = "a1,a2,a3"
   eot_samples: int = 5
-  eps: float = 8 / 255
-  max_examples: int = 1000
+  eps: float = 0.031
+  extra_eps: tuple[float, ...] = ()
+  max_examples: int = 0
   batch_size: int = 256
   seed: int = 1234
-  max_unroll: int = 50
+  max_unroll: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,11 +43,10 @@ PAPER_PGD_STEPS = 20
 CW_STEPS = 50
 CW_KAPPA = 50.0
 APGD_STEPS = 100
-# Attack loops up to this many steps are unrolled by evaluate: A2 (20) and A3 (50) unrolled, APGD-100
-# rolled. Measured on the 2-core CPU (ResNet20, 28x28, batch 128, PGD-20): unrolled 10.2 img/s vs rolled
-# 2.2 img/s; compile ~1 min vs ~0.5 min. Over a 10k test set the runtime dominates. On GPU, rolled
-# loops are not slow: pass max_unroll=0 there to save compile time.
-MAX_UNROLL = 50
+# Attack loops up to this many steps are unrolled by evaluate; 0 (the default) rolls every loop. With
+# enquant's layout-friendly convolution gradient (enquant.models.conv) rolled loops run as fast as
+# unrolled ones on XLA:CPU and compile in seconds (BUILD_NOTES.md), so unrolling only costs compile time.
+MAX_UNROLL = 0
 
 _RESERVED = ("natural", "n")
 
@@ -297,6 +296,7 @@ def _to_float(batch: np.ndarray) -> np.ndarray:
 
 
 def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress, max_unroll, desc):
+  """The evaluation loop; returns ``(accuracies, per-example correctness)``."""
   images, labels = _check_data(images, labels)
   specs = tuple(specs)
   for spec in specs:
@@ -317,8 +317,11 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
   n = images.shape[0]
   batch = min(batch_size, n)
   n_batches = -(-n // batch)
-  correct = {"natural": 0, **{name: 0 for name in names}}
-  bar = tqdm.auto.tqdm(total=n, desc=desc, unit="img", disable=not progress)
+  masks = {"natural": np.zeros(n, bool), **{name: np.zeros(n, bool) for name in names}}
+  # The bar counts attacked images (one unit per image, attack and restart) and moves after every
+  # compiled call, so long attacks show progress within a batch.
+  total = n * (1 + sum(spec.restarts for spec in specs))
+  bar = tqdm.auto.tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
   try:
     for b in range(n_batches):
       start = b * batch
@@ -328,25 +331,40 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
       y = jnp.asarray(labels[idx])
       batch_key = jax.random.fold_in(key, b)
       ok = _natural_correct(eval_fn, x, y, jax.random.fold_in(batch_key, 0))
-      correct["natural"] += int(np.asarray(ok)[:valid].sum())
+      masks["natural"][start:start + valid] = np.asarray(ok)[:valid]
+      bar.update(valid)
       for spec in specs:
         spec_key = jax.random.fold_in(batch_key, _stream(spec.name))
         robust = np.ones(valid, bool)
         for r in range(spec.restarts):
+          bar.set_description(f"{desc} {spec.name}" + (f" r{r + 1}/{spec.restarts}"
+                                                       if spec.restarts > 1 else ""), refresh=False)
           ok = _spec_correct(craft_fn, eval_fn, x, y, jax.random.fold_in(spec_key, r), spec=spec,
                              max_unroll=max_unroll)
           robust &= np.asarray(ok)[:valid]
-        correct[spec.name] += int(robust.sum())
+          bar.update(valid)
+        masks[spec.name][start:start + valid] = robust
       done = start + valid
-      bar.update(valid)
-      bar.set_postfix({k: f"{v / done:.3f}" for k, v in correct.items()}, refresh=False)
+      bar.set_postfix({k: f"{v[:done].mean():.3f}" for k, v in masks.items()}, refresh=False)
   finally:
     bar.close()
-  return {**{k: v / n for k, v in correct.items()}, "n": n}
+  return {**{k: float(v.mean()) for k, v in masks.items()}, "n": n}, masks
+
+
+def worst_case(masks: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
+  """Per-image worst case: an image is robust only if it is correct under every attack in ``names``
+  (default: every attack of ``masks``, i.e. all keys but ``"natural"``)."""
+  names = [k for k in masks if k not in _RESERVED] if names is None else list(names)
+  if not names:
+    raise ValueError("worst_case needs at least one attack")
+  out = np.ones_like(np.asarray(masks[names[0]], bool))
+  for name in names:
+    out &= np.asarray(masks[name], bool)
+  return out
 
 
 def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *, batch_size: int,
-             key, progress: bool = True, max_unroll: int = MAX_UNROLL) -> dict[str, float]:
+             key, progress: bool = True, max_unroll: int = MAX_UNROLL, return_masks: bool = False):
   """Natural accuracy and white-box robust accuracy of ``logits_fn`` for each spec, over a dataset.
 
   Robust accuracy of a spec is the fraction of examples classified correctly on the adversarial image
@@ -362,23 +380,25 @@ def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *
     batch_size: examples per jitted call (the last batch is padded and masked).
     key: PRNG key of the whole evaluation (module docstring: derived per batch, spec and restart).
     progress: show a tqdm progress bar.
-    max_unroll: attacks with at most this many steps run fully unrolled (~4x faster on XLA:CPU for
-      conv nets, compile time grows with the steps: PGD-20 on ResNet20 ~1 min on 2 busy cores),
-      longer ones rolled. 0 rolls every loop (short compiles: tests, GPU).
+    max_unroll: attacks with at most this many steps run fully unrolled (compile time grows with the
+      steps), longer ones rolled; 0 (default) rolls every loop.
+    return_masks: also return the per-example correctness (``{"natural": bool[N], <spec.name>:
+      bool[N], ...}``), e.g. for the per-image worst case over attacks (:func:`worst_case`).
 
   Returns:
-    ``{"natural": acc, <spec.name>: acc, ..., "n": N}``.
+    ``{"natural": acc, <spec.name>: acc, ..., "n": N}`` (and the masks when ``return_masks``).
 
   Raises:
     ValueError: for malformed data, specs, batch size or a missing key.
   """
-  return _run(logits_fn, logits_fn, images, labels, specs, batch_size=batch_size, key=key,
-              progress=progress, max_unroll=max_unroll, desc="evaluate")
+  acc, masks = _run(logits_fn, logits_fn, images, labels, specs, batch_size=batch_size, key=key,
+                     progress=progress, max_unroll=max_unroll, desc="evaluate")
+  return (acc, masks) if return_masks else acc
 
 
 def transfer(oracle_logits_fn: LogitsFn, target_logits_fn: LogitsFn, images, labels,
              specs: Sequence[AttackSpec], *, batch_size: int, key, progress: bool = True,
-             max_unroll: int = MAX_UNROLL) -> dict[str, float]:
+             max_unroll: int = MAX_UNROLL, return_masks: bool = False):
   """Black-box transfer: adversarial examples crafted on the oracle, accuracy of the target.
 
   The paper's Table III. Keys are derived exactly as in :func:`evaluate`, so with
@@ -388,8 +408,9 @@ def transfer(oracle_logits_fn: LogitsFn, target_logits_fn: LogitsFn, images, lab
     ``{"natural": target's clean accuracy, <spec.name>: target's accuracy on the oracle's adversarial
     examples, ..., "n": N}``.
   """
-  return _run(oracle_logits_fn, target_logits_fn, images, labels, specs, batch_size=batch_size,
-              key=key, progress=progress, max_unroll=max_unroll, desc="transfer")
+  acc, masks = _run(oracle_logits_fn, target_logits_fn, images, labels, specs, batch_size=batch_size,
+                     key=key, progress=progress, max_unroll=max_unroll, desc="transfer")
+  return (acc, masks) if return_masks else acc
 
 
 def robustbench_entry(result: Mapping[str, float], spec_name: str, *, threat_model: str = "Linf",
@@ -413,5 +434,5 @@ def robustbench_entry(result: Mapping[str, float], spec_name: str, *, threat_mod
 
 __all__ = [
     "AttackSpec", "KINDS", "PAPER_EPS", "craft", "evaluate", "paper_specs", "paper_step_size",
-    "parse_attacks", "robustbench_entry", "transfer",
+    "parse_attacks", "robustbench_entry", "transfer", "worst_case",
 ]

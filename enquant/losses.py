@@ -3,9 +3,12 @@
 A training objective is split in two pure functions so the train step can craft adversarial examples
 *outside* the parameter gradient:
 
-* ``perturb(model, variables, x, y, key) -> x_adv`` (or ``None`` for natural training) crafts x' with
-  BatchNorm in inference mode (the model's running statistics), at the weights the model runs with (the
-  relaxed weights u under Binary-Relax);
+* ``perturb(model, variables, x, y, key) -> (x_adv, batch_stats)`` (or ``None`` for natural training)
+  crafts x' at the weights the model runs with (the relaxed weights u under Binary-Relax). With
+  ``attack_bn="eval"`` (default) BatchNorm uses its running statistics and ``batch_stats`` come back
+  unchanged; with ``attack_bn="train"`` every attack step runs BatchNorm in training mode (batch
+  statistics) and updates the running averages, as the EnResNet PGD-AT code does (its attack module calls
+  the network while it is in ``train()`` mode);
 * ``loss(model, params, batch_stats, x, x_adv, y, key) -> (loss, (new_batch_stats, metrics))`` is
   differentiated with respect to ``params``; forward passes run in training mode. When a loss uses both x and
   x', the two passes run one after the other and the BatchNorm running statistics are updated by both, as in
@@ -27,6 +30,7 @@ import optax
 from enquant import attacks
 
 LOSSES = ("natural", "at", "tradeoff", "trades")
+ATTACK_BN = ("eval", "train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,8 @@ class LossConfig:
     step_size: its step size.
     steps: its number of steps.
     random_start: uniform random start of the PGD attack (at, tradeoff).
+    attack_bn: BatchNorm mode while crafting the training attack: "eval" (running statistics) or
+      "train" (batch statistics, running averages updated by every attack step: the EnResNet code).
   """
 
   kind: str = "natural"
@@ -51,10 +57,16 @@ class LossConfig:
   step_size: float = 2 / 255
   steps: int = 10
   random_start: bool = True
+  attack_bn: str = "eval"
 
   def __post_init__(self):
     if self.kind not in LOSSES:
       raise ValueError(f"loss must be one of {LOSSES}, got {self.kind!r}")
+    if self.attack_bn not in ATTACK_BN:
+      raise ValueError(f"train_attack_bn must be one of {ATTACK_BN}, got {self.attack_bn!r}")
+    if self.kind == "trades" and self.attack_bn == "train":
+      raise ValueError("TRADES crafts its attack with BatchNorm in eval mode (as its reference code); "
+                       "use --train_attack_bn=eval with --loss=trades")
     if self.alpha < 0 or self.beta < 0:
       raise ValueError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
     if self.kind == "tradeoff" and self.alpha == 0 and self.beta == 0:
@@ -82,7 +94,7 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def trades_attack(logits_fn, x, *, eps, step_size, steps, key, unroll=True):
+def trades_attack(logits_fn, x, *, eps, step_size, steps, key, unroll=False):
   """TRADES' inner maximisation: sign-gradient ascent on KL(f(x) || f(x')) from x + 0.001*N(0, I)."""
   k_init, k_loop = jax.random.split(key)
   clean = jax.lax.stop_gradient(logits_fn(x, k_init))
@@ -99,6 +111,33 @@ def trades_attack(logits_fn, x, *, eps, step_size, steps, key, unroll=True):
   return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, step, x0, unroll=unroll))
 
 
+def pgd_train_bn(model, variables, x, y, *, eps, step_size, steps, key, random_start=True):
+  """PGD (CE, sign steps) with BatchNorm in training mode, as the EnResNet PGD-AT code crafts.
+
+  Every step's forward uses the batch statistics and updates the running averages; the keys follow
+  :func:`enquant.attacks.pgd`'s schedule, so with a BatchNorm-free model both give the same x_adv.
+
+  Returns:
+    ``(x_adv, batch_stats)``: the adversarial images (gradient stopped) and the updated running stats.
+  """
+  params = jax.lax.stop_gradient(variables["params"])
+  start_key, step_keys = attacks._schedule(key, steps)  # pylint: disable=protected-access
+
+  def total(xa, stats, k):
+    logits, new_stats = model.apply({"params": params, "batch_stats": stats}, xa, k, train=True)
+    return jnp.sum(attacks.cross_entropy(logits, y)), new_stats
+
+  def body(i, carry):
+    xa, stats = carry
+    g, stats = jax.grad(total, has_aux=True)(xa, stats, step_keys[i])
+    xa = jnp.clip(jnp.clip(xa + step_size * jnp.sign(g), x - eps, x + eps), 0.0, 1.0)
+    return xa, stats
+
+  x0 = attacks._uniform_start(x, eps, start_key) if random_start else x  # pylint: disable=protected-access
+  x_adv, stats = jax.lax.fori_loop(0, steps, body, (x0, variables["batch_stats"]))
+  return jax.lax.stop_gradient(x_adv), jax.lax.stop_gradient(stats)
+
+
 def make_objective(cfg: LossConfig) -> tuple[Callable | None, Callable]:
   """``(perturb, loss)`` for a :class:`LossConfig` (see the module docstring for the signatures)."""
 
@@ -106,13 +145,18 @@ def make_objective(cfg: LossConfig) -> tuple[Callable | None, Callable]:
     return model.apply({"params": params, "batch_stats": batch_stats}, x, key, train=True)
 
   def perturb(model, variables, x, y, key):
+    if cfg.attack_bn == "train":
+      return pgd_train_bn(model, variables, x, y, eps=cfg.eps, step_size=cfg.step_size,
+                          steps=cfg.steps, key=key, random_start=cfg.random_start)
     frozen = jax.lax.stop_gradient(variables)
     logits_fn = model.logits_fn(frozen)
     if cfg.kind == "trades":
-      return trades_attack(logits_fn, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                           key=key)
-    return attacks.pgd(logits_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                       key=key, random_start=cfg.random_start)
+      x_adv = trades_attack(logits_fn, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                            key=key)
+    else:
+      x_adv = attacks.pgd(logits_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                          key=key, random_start=cfg.random_start)
+    return x_adv, variables["batch_stats"]
 
   def loss(model, params, batch_stats, x, x_adv, y, key):
     k_nat, k_adv = jax.random.split(key)

@@ -9,7 +9,6 @@ bit-packed size. Every flag of the other experiments works here too; only the de
 """
 
 from absl import app
-from absl import flags
 
 from experiments import common
 
@@ -18,10 +17,8 @@ DEMO_DEFAULTS = dict(
     lr_schedule="cosine", quant="br", bits=1, br_growth=1.3, br_growth_every=0.2,
     br_relax_fraction=0.67, loss="tradeoff", alpha=1.0, beta=8.0, train_eps=0.1,
     train_step_size=0.04, train_steps=3, eval_eps=0.1, eval_max=200, eot_samples=0,
-    max_unroll=0, workdir="runs/demo",
+    max_unroll=0, workdir="runs/demo", eval_extra_eps=[], train_attack_bn="eval",
 )
 
 if __name__ == "__main__":
-  for name, value in DEMO_DEFAULTS.items():
-    flags.FLAGS.set_default(name, value)
-  app.run(common.main_for("mnist"))
+  app.run(common.main_for("mnist", DEMO_DEFAULTS))

@@ -65,6 +65,31 @@ def test_tradeoff_loss_is_alpha_natural_plus_beta_adversarial_ce(setup):
   chex.assert_trees_all_close(metrics["loss"], total)
 
 
+def test_train_mode_crafting_takes_batch_statistics_steps_and_updates_running_stats(setup):
+  model, variables, x, y = setup
+  key = jax.random.PRNGKey(5)
+  cfg = dict(kind="at", eps=0.1, step_size=0.03, steps=1, random_start=False)
+  perturb_train, _ = losses.make_objective(losses.LossConfig(attack_bn="train", **cfg))
+  perturb_eval, _ = losses.make_objective(losses.LossConfig(attack_bn="eval", **cfg))
+  x_train, stats_train = jax.jit(lambda v, k: perturb_train(model, v, x, y, k))(variables, key)
+  x_eval, stats_eval = jax.jit(lambda v, k: perturb_eval(model, v, x, y, k))(variables, key)
+  # By hand: one sign step of the batch-statistics CE gradient, with attacks.pgd's key schedule.
+  step_key = jax.random.split(jax.random.split(key)[1], 1)[0]
+
+  def ce(xx):
+    logits, stats = model.apply(variables, xx, step_key, train=True)
+    return jnp.sum(attacks.cross_entropy(logits, y)), stats
+
+  g, stats = jax.grad(ce, has_aux=True)(x)
+  chex.assert_trees_all_close(x_train, jnp.clip(x + 0.03 * jnp.sign(g), 0, 1), atol=1e-6)
+  chex.assert_trees_all_close(stats_train, stats, atol=1e-6)
+  chex.assert_trees_all_equal(stats_eval, variables["batch_stats"])  # eval mode leaves them alone
+  assert not np.allclose(stats_train["bn_final"]["mean"], variables["batch_stats"]["bn_final"]["mean"])
+  assert float(jnp.max(jnp.abs(x_train - x_eval))) > 0  # the two modes differ
+  with pytest.raises(ValueError, match="eval mode"):
+    losses.LossConfig(kind="trades", attack_bn="train")
+
+
 def test_trades_kl_term_is_zero_when_x_adv_equals_x():
   model = EnResNet(dataclasses.replace(TINY, noise_coef=0.0))
   x = jax.random.uniform(jax.random.PRNGKey(0), (8, 12, 12, 1))

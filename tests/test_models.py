@@ -1,11 +1,14 @@
 """Shapes, parameter counts, EnResNet noise and ensemble semantics."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from enquant.models import conv as conv_lib
 from enquant.models import add_noise, count_params, EnResNet, ModelConfig, PreActBlock
 
 TINY = dict(depth=8, widths=(4, 8, 8))
@@ -143,3 +146,62 @@ def test_vmapped_and_unrolled_members_give_the_same_logits_and_stats():
   chex.assert_trees_all_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="member_map"):
     EnResNet(cfg, member_map="pmap")
+
+
+@pytest.mark.parametrize("hw,k,stride,pad", [(8, 3, 1, (1, 1)), (8, 3, 2, (1, 1)), (7, 3, 2, (1, 1)),
+                                             (8, 1, 2, (0, 0)), (7, 1, 1, (0, 0)), (6, 5, 3, (2, 1))])
+def test_layout_conv_values_and_gradients_equal_the_plain_convolution(hw, k, stride, pad):
+  rng = np.random.default_rng(hw + k + stride)
+  x = jnp.asarray(rng.standard_normal((2, hw, hw + 1, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, 3, 4)), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal(conv_lib.conv2d(x, w, (stride, stride), (pad, pad)).shape),
+                   jnp.float32)
+
+  def plain(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), (pad, pad),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def layout(x, w):
+    return conv_lib.conv2d(x, w, (stride, stride), (pad, pad))
+
+  for fn in (plain, layout):  # the cotangent makes every output element count differently
+    assert fn(x, w).shape == ct.shape
+  outs = [jax.jit(jax.value_and_grad(lambda a, b, f=f: jnp.sum(ct * f(a, b)), (0, 1)))(x, w)
+          for f in (plain, layout)]
+  chex.assert_trees_all_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+  # Inside a rolled loop too (where the layout matters on XLA:CPU).
+  loop = lambda f: jax.jit(lambda a: jax.lax.fori_loop(
+      0, 2, lambda i, z: z - 0.01 * jax.grad(lambda q: jnp.sum(ct * f(q, w)))(z), a))(x)
+  chex.assert_trees_all_close(loop(plain), loop(layout), atol=1e-5, rtol=1e-5)
+
+
+def test_stock_and_layout_conv_models_share_parameters_and_numbers(tiny):
+  model, variables, x, _ = tiny
+  stock = EnResNet(model.config, conv_grad="lax")
+  key = jax.random.PRNGKey(5)
+  grad = lambda m: jax.jit(jax.grad(lambda xx: jnp.sum(m.apply(variables, xx, key) ** 2)))(x)
+  chex.assert_trees_all_close(grad(model), grad(stock), atol=1e-5, rtol=1e-4)
+  with pytest.raises(ValueError, match="conv_grad"):
+    EnResNet(model.config, conv_grad="cudnn")
+
+
+def test_bfloat16_compute_matches_float32_within_tolerance(tiny):
+  model, variables, x, apply = tiny
+  bf16 = EnResNet(ModelConfig(**{**dataclasses.asdict(model.config), "compute_dtype": "bfloat16"}))
+  key = jax.random.PRNGKey(2)
+  ref = apply(variables, x, key)
+  got = jax.jit(bf16.apply)(variables, x, key)
+  assert got.dtype == jnp.float32
+  # bf16 keeps 8 bits of mantissa: logits agree to a few percent of their spread.
+  err = float(jnp.max(jnp.abs(got - ref)) / (jnp.max(ref) - jnp.min(ref)))
+  assert err < 0.05, err
+  with pytest.raises(ValueError, match="compute_dtype"):
+    ModelConfig(compute_dtype="float16")
+
+
+def test_deterministic_models_accept_key_none_and_randomized_ones_refuse_it(tiny):
+  model, variables, x, _ = tiny
+  det = EnResNet(dataclasses.replace(model.config, noise_coef=0.0))
+  chex.assert_trees_all_equal(det.apply(variables, x, None), det.apply(variables, x, jax.random.PRNGKey(9)))
+  with pytest.raises(ValueError, match="pass a PRNG key"):
+    model.apply(variables, x, None)

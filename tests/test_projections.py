@@ -100,6 +100,22 @@ def binaryrelax_tnn_reference(w):
   return scale * index * np.sign(w)
 
 
+def binaryrelax_fbit_reference(w, bits=4):
+  """A literal numpy port of BinaryRelax/BCGD's quantize_fbit (float32, as torch), for any bits."""
+  data = np.abs(w.astype(np.float32))
+  top = 2 ** bits - 1  # 15 for 4 bits
+  delta = min(data.max() / np.float32(top), np.float32(10.0))
+  q = np.zeros_like(data)
+  for i in range(3, top + 2, 2):
+    if i < top:
+      index = (data > (i - 2) * delta) & (data <= i * delta)
+    else:
+      index = data > (top - 2) * delta
+    q += (i - 1) / 2 * index
+  scale = (data * q).sum() / (q * q).sum()
+  return scale * q * np.sign(w), q
+
+
 def twn_reference(w):
   data = np.abs(w.astype(np.float64))
   index = data > 0.7 * data.mean()
@@ -249,6 +265,36 @@ def test_twn_and_br_match_their_reference_code(magnitudes, signs):
                              atol=0)
 
 
+def test_bcgd_hand_computed_bins():
+  # max|w| = 15 -> delta = 1: code 0 at or below 1, j on ((2j-1), (2j+1)], 7 above 13.
+  w = np.array([15.0, -1.0, 1.5, -3.0, 3.5, 12.9, -13.0, 13.5, 0.0, 0.5], np.float32)
+  codes = np.array([7, 0, 1, -1, 2, 6, -6, 7, 0, 0])
+  scale, got = quant.mbit_codes(w, bits=4, method="bcgd")
+  np.testing.assert_array_equal(got, codes)
+  q = np.abs(codes).astype(np.float64)
+  np.testing.assert_allclose(scale, (np.abs(w) * q).sum() / (q * q).sum(), rtol=1e-6)
+  assert np.mean(codes == 0) == 0.3
+
+
+@SETTINGS
+@hypothesis.given(vectors(64), st.sampled_from([3, 4, 5]))
+def test_bcgd_matches_binaryrelax_quantize_fbit_reference(w, bits):
+  hypothesis.assume(np.abs(w).max() > 0)
+  expected, q = binaryrelax_fbit_reference(w, bits)
+  _, codes = quant.mbit_codes(w, bits=bits, method="bcgd")
+  np.testing.assert_array_equal(np.abs(np.asarray(codes)), q.astype(np.int8))
+  np.testing.assert_allclose(quant.project_mbit(w, bits=bits, method="bcgd"), expected, rtol=2e-6,
+                             atol=1e-6 * np.abs(w).max())
+
+
+def test_bcgd_has_a_wider_zero_bin_than_lloyd_on_a_gaussian_kernel():
+  w = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+  zeros = {m: float(np.mean(np.asarray(quant.mbit_codes(w, bits=4, method=m)[1]) == 0))
+           for m in ("bcgd", "lloyd")}
+  # quantize_fbit's zero bin is |w| <= max|w|/15: ~25% of a Gaussian kernel; Lloyd's about half that.
+  assert 0.22 < zeros["bcgd"] < 0.27 and zeros["lloyd"] < 0.6 * zeros["bcgd"], zeros
+
+
 @SETTINGS
 @hypothesis.given(vectors(N), st.sampled_from([3, 4]))
 def test_mbit_exact_matches_brute_force_over_all_codes(w, bits):
@@ -362,7 +408,7 @@ def test_zero_huge_and_mixed_tensors_give_finite_results(shape):
 
 
 @pytest.mark.parametrize("bits,method", [(1, None), (2, "exact"), (2, "twn"), (2, "br"), (3, "lloyd"),
-                                         (4, "lloyd"), (4, "exact")])
+                                         (4, "lloyd"), (4, "exact"), (4, "bcgd")])
 def test_make_projection_is_dequantized_make_codes(bits, method):
   w = jnp.asarray(np.random.default_rng(2).standard_normal(KERNEL), jnp.float32)
   kwargs = {} if method is None else {"ternary_method" if bits == 2 else "mbit_method": method}

@@ -7,12 +7,15 @@ EnResNet noise and is split into one independent key per member.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from enquant.models import conv as conv_lib
 from enquant.models import resnet
 
 Variables = dict[str, Any]
@@ -29,6 +32,8 @@ class ModelConfig:
     widths: stem/stage channels (16, 32, 64 in the paper; tiny tests use 4-8).
     noise_coef: EnResNet noise coefficient (0.1 in the paper; 0 gives a deterministic ResNet).
     ensembles: number of members n of En_n.
+    compute_dtype: dtype of the convolutions' arithmetic: "float32", or "bfloat16" (float32 parameters,
+      BatchNorm, noise and logits; for GPU/TPU tensor cores).
   """
 
   num_classes: int = 10
@@ -37,6 +42,7 @@ class ModelConfig:
   widths: tuple[int, ...] = (16, 32, 64)
   noise_coef: float = 0.1
   ensembles: int = 1
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     if self.num_classes < 2:
@@ -47,6 +53,8 @@ class ModelConfig:
       raise ValueError(f"noise_coef must be a finite number >= 0, got {self.noise_coef}")
     if any(w < 1 for w in self.widths) or len(self.widths) != len(self.block_stages):
       raise ValueError(f"widths must be {len(self.block_stages)} positive ints, got {self.widths}")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
 
   @property
   def block_stages(self) -> tuple[int, ...]:
@@ -63,12 +71,22 @@ class ModelConfig:
     return f"En{self.ensembles}{base}" if self.noise_coef else (
         base if self.ensembles == 1 else f"{self.ensembles}x{base}")
 
-  def member(self, mid_widths=None) -> resnet.ResNet:
+  def member(self, mid_widths=None, conv_grad: str = "layout") -> resnet.ResNet:
+    """The Flax member module (``conv_grad``: see :class:`EnResNet`)."""
+    if conv_grad not in CONV_GRADS:
+      raise ValueError(f"conv_grad must be one of {CONV_GRADS}, got {conv_grad!r}")
+    dtype = None if self.compute_dtype == "float32" else jnp.dtype(self.compute_dtype)
+    if conv_grad == "lax":
+      conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype)
+    else:
+      conv = functools.partial(conv_lib.Conv, compute_dtype=dtype)
     return resnet.ResNet(num_classes=self.num_classes, stages=self.block_stages,
                          widths=tuple(self.widths), noise_coef=self.noise_coef,
-                         mid_widths=mid_widths)
+                         mid_widths=mid_widths, conv_module=conv)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+CONV_GRADS = ("layout", "lax")
 MEMBER_MAPS = ("auto", "vmap", "unrolled")
 
 
@@ -84,14 +102,20 @@ class EnResNet:
       vmapped convolutions as a slow grouped convolution: measured 13x slower for En2 on 2 CPU cores,
       BUILD_NOTES.md). ``"auto"``: unrolled on CPU, vmap elsewhere. Both give the same numbers (tested);
       the random keys per member are the same.
+    conv_grad: ``"layout"`` (:mod:`enquant.models.conv`: input gradients as forward-layout convolutions,
+      which XLA:CPU runs ~4x faster inside rolled attack loops) or ``"lax"`` (JAX's stock rule; kept for
+      benchmarks). Identical values and gradients.
   """
 
   config: ModelConfig
   member_map: str = "auto"
+  conv_grad: str = "layout"
 
   def __post_init__(self):
     if self.member_map not in MEMBER_MAPS:
       raise ValueError(f"member_map must be one of {MEMBER_MAPS}, got {self.member_map!r}")
+    if self.conv_grad not in CONV_GRADS:
+      raise ValueError(f"conv_grad must be one of {CONV_GRADS}, got {self.conv_grad!r}")
 
   def map_members(self, fn, variables, keys):
     """``vmap(fn)(variables, keys)`` or its unrolled equivalent (stacked outputs either way)."""
@@ -109,7 +133,7 @@ class EnResNet:
 
   def init(self, key: jax.Array, sample_x: jax.Array) -> Variables:
     """Stacked variables ``{"params", "batch_stats"}``; member i is initialised from ``split(key)[i]``."""
-    module = self.config.member()
+    module = self.config.member(conv_grad=self.conv_grad)
 
     def init_one(k):
       param_key, noise_key = jax.random.split(k)
@@ -123,13 +147,19 @@ class EnResNet:
     Args:
       variables: stacked ``{"params": ..., "batch_stats": ...}``.
       x: float32 images in [0, 1], NHWC.
-      key: noise key (split into one per member; ignored when ``noise_coef == 0``).
+      key: noise key (split into one per member). Deterministic models (``noise_coef == 0``) ignore it
+        and accept ``None``; randomized ones raise ``ValueError`` without a key.
       train: BatchNorm uses batch statistics and updates its running averages.
 
     Returns:
       ``logits`` when ``train`` is False; ``(logits, new_batch_stats)`` when True.
     """
-    module = self.config.member()
+    module = self.config.member(conv_grad=self.conv_grad)
+    if key is None:
+      if self.config.noise_coef:
+        raise ValueError(f"{self.config.name} is randomized (noise_coef={self.config.noise_coef}): "
+                         "pass a PRNG key for its noise")
+      key = jax.random.PRNGKey(0)  # never drawn from: the model has no noise
     keys = jax.random.split(key, self.members)
 
     def apply_one(v, k):

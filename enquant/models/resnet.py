@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from enquant.models import conv as conv_lib
+
 # He-normal over fan-out, as the EnResNet/PyTorch code initialises convolutions.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -53,12 +55,13 @@ class PreActBlock(nn.Module):
   strides: int = 1
   mid_features: int | None = None
   noise_coef: float = 0.0
+  conv_module: type[nn.Module] = conv_lib.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init)
+    conv = functools.partial(self.conv_module, kernel_init=_conv_init)
     pad = ((1, 1), (1, 1))
     out = nn.relu(norm(name="bn1")(x))
     shortcut = x
@@ -84,6 +87,9 @@ class ResNet(nn.Module):
     widths: channels of the stem and of each stage.
     noise_coef: EnResNet noise coefficient after every residual sum (0: a plain ResNet).
     mid_widths: optional per-block inner widths (flattened over stages), used by channel pruning.
+    conv_module: the convolution (:class:`enquant.models.conv.Conv`: fast input gradients inside rolled
+      loops; ``functools.partial(Conv, compute_dtype=jnp.bfloat16)`` for bf16 compute, or ``nn.Conv``
+      with ``use_bias=False`` for JAX's stock gradient). Same parameters and values either way.
   """
 
   num_classes: int = 10
@@ -91,17 +97,18 @@ class ResNet(nn.Module):
   widths: Sequence[int] = (16, 32, 64)
   noise_coef: float = 0.0
   mid_widths: Sequence[int] | None = None
+  conv_module: type[nn.Module] = conv_lib.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = nn.Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=_conv_init, name="stem")(x)
+    x = self.conv_module(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init,
+                         name="stem")(x)
     index = 0
     for stage, (blocks, width) in enumerate(zip(self.stages, self.widths)):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         mid = self.mid_widths[index] if self.mid_widths is not None else None
-        x = PreActBlock(width, strides, mid, self.noise_coef,
+        x = PreActBlock(width, strides, mid, self.noise_coef, self.conv_module,
                         name=f"stage{stage + 1}_block{block + 1}")(x, train)
         index += 1
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn_final")(x)
