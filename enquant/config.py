@@ -193,5 +193,5 @@ def quick(cfg: ExperimentConfig) -> ExperimentConfig:
       train=dataclasses.replace(cfg.train, epochs=min(cfg.train.epochs, 2), batch_size=64),
       loss=dataclasses.replace(cfg.loss, steps=min(cfg.loss.steps, 3)),
       eval=dataclasses.replace(cfg.eval, max_examples=min(cfg.eval.max_examples or 200, 200),
-                               attacks="a1,a2", eot_samples=min(cfg.eval.eot_samples, 2)),
+                               attacks="a1,a2", eot_samples=min(cfg.eval.eot_samples, 2), extra_eps=()),
   )

@@ -61,3 +61,17 @@ def training_curves(path: str, rows: list[dict]) -> str:
     ax.grid(alpha=0.3)
   fig.tight_layout()
   return _save(fig, path)
+
+
+def m_curves(path: str, curves: dict[str, tuple[list[int], list[float]]]) -> str:
+  """Fig. 2 of the paper: ``M_t`` (max over conv layers of mean|w|) against epochs, one line per model."""
+  fig, ax = plt.subplots(figsize=(4.8, 3.2))
+  for label, (epochs, values) in curves.items():
+    ax.plot(epochs, values, marker="o", ms=3, label=label)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("M_t")
+  ax.set_title("M_t = max over conv layers of mean |w|", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)

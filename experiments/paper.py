@@ -1,0 +1,162 @@
+"""Reproduce a table of the paper: train what is missing, evaluate, rebuild the table.
+
+    python -m experiments.paper --list                          # every table's runs and their state
+    python -m experiments.paper --table=VIII --scale=cpu        # train/resume, evaluate, tabulate
+    python -m experiments.paper --table=all --scale=cpu --max_runs=1
+    python -m experiments.paper --table=I --scale=paper         # the paper's protocol (GPU/TPU)
+    python -m experiments.paper --table=all --tables_only       # rebuild tables/figures from finished runs
+
+Runs live in ``--runs_root/<scale>/<run name>`` (one directory per distinct configuration, shared by every
+table that needs it; re-running resumes unfinished runs from their checkpoints and skips finished ones).
+Tables go to ``--results_root/<scale>/table_<name>.md`` and ``.json``, each finished run's ``results.json``
+to ``--results_root/<scale>/runs/<run name>.json``, figures beside the tables.
+"""
+
+import os
+import shutil
+import sys
+
+from absl import app
+from absl import flags
+
+import experiments  # noqa: F401  (XLA flags before JAX)
+
+flags.DEFINE_string("table", "all", "I..VIII, comma-separated, or all.")
+flags.DEFINE_enum("scale", "cpu", ["cpu", "paper"], "cpu: the reduced protocol of the tables' headers; "
+                  "paper: the paper's protocol.")
+flags.DEFINE_bool("list", False, "Print the runs of the tables and their state, then exit.")
+flags.DEFINE_bool("tables_only", False, "Only rebuild tables and figures from finished runs.")
+flags.DEFINE_integer("max_runs", 0, "Train at most this many runs in this call (0: all missing).")
+flags.DEFINE_string("runs_root", "runs/paper", "Where the run directories live.")
+flags.DEFINE_string("results_root", "results", "Where tables, JSON rows and figures go.")
+flags.DEFINE_string("data_dir", None, "Folder with the official dataset files.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+FLAGS = flags.FLAGS
+
+
+def _tables():
+  from enquant import paper  # pylint: disable=g-import-not-at-top
+  if FLAGS.table.strip().lower() == "all":
+    return list(paper.TABLES.values())
+  return [paper.table(t.strip()) for t in FLAGS.table.split(",") if t.strip()]
+
+
+def _state(workdir: str) -> str:
+  from enquant import files  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(workdir, "results.json")):
+    return "done"
+  rows = files.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if os.path.isdir(workdir) else []
+  return f"epoch {rows[-1]['epoch']}" if rows else "missing"
+
+
+def _with_data_dir(cfg):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return cfg if FLAGS.data_dir is None else dataclasses.replace(cfg, data_dir=FLAGS.data_dir)
+
+
+def list_runs() -> None:
+  from enquant import paper  # pylint: disable=g-import-not-at-top
+  for tbl in _tables():
+    print(f"Table {tbl.name}: {tbl.title}")
+    for row, cfg in paper.runs_of(tbl, FLAGS.scale):
+      name = paper.run_name(cfg)
+      state = _state(os.path.join(FLAGS.runs_root, FLAGS.scale, name))
+      print(f"  {state:>9}  {name}  ({row.net} {row.quant_label} {row.loss_label}, {cfg.train.epochs} "
+            f"epochs on {cfg.dataset})")
+
+
+def train_missing(log=print) -> None:
+  from enquant import paper, pipeline  # pylint: disable=g-import-not-at-top
+  budget = FLAGS.max_runs or None
+  for tbl in _tables():
+    for _, cfg in paper.runs_of(tbl, FLAGS.scale):
+      workdir = os.path.join(FLAGS.runs_root, FLAGS.scale, paper.run_name(cfg))
+      if _state(workdir) == "done":
+        continue
+      if budget is not None and budget <= 0:
+        return
+      log(f"== Table {tbl.name}: {workdir}")
+      pipeline.train_and_evaluate(_with_data_dir(cfg), workdir, progress=FLAGS.progress, log=log)
+      if budget is not None:
+        budget -= 1
+
+
+def _transfer(target_dir: str, oracle_dir: str, log=print) -> dict | None:
+  """Transfer evaluation of a finished target run on a finished oracle's examples (cached as JSON)."""
+  from enquant import data as data_lib, files, pipeline  # pylint: disable=g-import-not-at-top
+  path = os.path.join(target_dir, f"evaluation-transfer-{os.path.basename(oracle_dir)}.json")
+  if os.path.exists(path):
+    return files.read_json(path)
+  if _state(target_dir) != "done" or _state(oracle_dir) != "done":
+    return None
+  cfg, model, variables, _ = pipeline.load_run(target_dir, data_dir=FLAGS.data_dir)
+  _, omodel, ovars, _ = pipeline.load_run(oracle_dir, data_dir=FLAGS.data_dir)
+  ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source, max_train=1)
+  n = min(len(ds.test_images), cfg.eval.max_examples or len(ds.test_images))
+  log(f"transfer: {os.path.basename(oracle_dir)} -> {os.path.basename(target_dir)} on {n} images")
+  result = pipeline.robust_evaluation(cfg, model, variables, ds.test_images[:n], ds.test_labels[:n],
+                                      progress=FLAGS.progress, oracle=(omodel, ovars))
+  result.update(oracle=os.path.abspath(oracle_dir))
+  files.write_json_atomic(path, result)
+  return result
+
+
+def rebuild_tables(log=print) -> None:
+  from enquant import files, paper, plots, reports  # pylint: disable=g-import-not-at-top
+  runs_dir = os.path.join(FLAGS.runs_root, FLAGS.scale)
+  out_dir = os.path.join(FLAGS.results_root, FLAGS.scale)
+  os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+  for tbl in _tables():
+    results, transfers = {}, {}
+    for row, cfg in paper.runs_of(tbl, FLAGS.scale):
+      name = paper.run_name(cfg)
+      path = os.path.join(runs_dir, name, "results.json")
+      if os.path.exists(path):
+        results[name] = files.read_json(path)
+        shutil.copyfile(path, os.path.join(out_dir, "runs", name + ".json"))
+    for row in tbl.rows:
+      if row.oracle is not None:
+        target = paper.run_name(paper.build_config(row, FLAGS.scale))
+        oracle = paper.run_name(paper.build_config(row.oracle, FLAGS.scale))
+        found = _transfer(os.path.join(runs_dir, target), os.path.join(runs_dir, oracle), log=log)
+        if found is not None:
+          transfers[(target, oracle)] = found
+    rows = reports.table_rows(tbl, FLAGS.scale, results, transfers)
+    files.write_text_atomic(os.path.join(out_dir, f"table_{tbl.name}.md"),
+                            reports.table_markdown(tbl, FLAGS.scale, rows))
+    files.write_json_atomic(os.path.join(out_dir, f"table_{tbl.name}.json"),
+                            {"table": tbl.name, "scale": FLAGS.scale, "title": tbl.title,
+                             "claim": tbl.claim, "rows": rows})
+    done = sum(r["state"] == "done" for r in rows)
+    log(f"Table {tbl.name}: {done}/{len(rows)} rows done -> {out_dir}/table_{tbl.name}.md")
+    if tbl.name == "IV":  # Fig. 2: M_t against epochs for the Table IV runs
+      curves = {}
+      for row, cfg in paper.runs_of(tbl, FLAGS.scale):
+        metrics = files.read_jsonl(os.path.join(runs_dir, paper.run_name(cfg), "metrics.jsonl"))
+        if metrics:
+          curves[row.net] = ([m["epoch"] for m in metrics], [m["m_bound"] for m in metrics])
+      if curves:
+        plots.m_curves(os.path.join(out_dir, "fig2_m_bound.png"), curves)
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  experiments.quiet_logs()
+  from enquant import pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    _tables()
+    if FLAGS.list:
+      list_runs()
+      return
+    if not FLAGS.tables_only:
+      train_missing()
+    rebuild_tables()
+  except (ValueError, FileNotFoundError, pipeline.RunExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
