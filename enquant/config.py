@@ -183,6 +183,14 @@ class ExperimentConfig:
     return d
 
 
+def augmentation(cfg: ExperimentConfig, image_size: int) -> tuple[bool, bool]:
+  """``(crop, flip)`` of a run: the pad-4 random crop for 32x32 images unless set, and horizontal flips with
+  it except for SVHN (house-number digits are not mirror-symmetric) unless set."""
+  crop = cfg.train.augment if cfg.train.augment is not None else image_size == 32
+  flip = cfg.train.flip if cfg.train.flip is not None else cfg.dataset != "svhn"
+  return crop, crop and flip
+
+
 def quick(cfg: ExperimentConfig) -> ExperimentConfig:
   """The CPU smoke variant: tiny widths, 2 epochs, few examples, short attacks."""
   return dataclasses.replace(

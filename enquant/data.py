@@ -74,8 +74,11 @@ ENV_DATA_DIR = "ENQUANT_DATA_DIR"
 # The shared data folder beside a source checkout: <repo>/../shared/data.
 _SIBLING_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 _HOME_DATA_DIR = pathlib.Path("~/.enquant/data")
-_EMBEDDED_PACKAGE = "enquant"
-_EMBEDDED_FILE = ("assets", "mnist_sample.npz")
+# The sample is package data of the ``enquant.assets`` (namespace) package, found by importlib.resources
+# through that package's own import spec: never through the working directory, so a folder named
+# ``enquant`` in the cwd (which can shadow the top-level package) does not hide it.
+_EMBEDDED_PACKAGE = "enquant.assets"
+_EMBEDDED_FILE = "mnist_sample.npz"
 
 
 class DatasetInfo(NamedTuple):
@@ -585,9 +588,10 @@ def _load_tfds(info: DatasetInfo, max_train: int | None, max_test: int | None):
 def _load_embedded(info: DatasetInfo):
   if info.name != "mnist":
     raise ValueError(f"source='embedded' exists only for 'mnist', not {info.name!r}")
-  resource = importlib.resources.files(_EMBEDDED_PACKAGE)
-  for part in _EMBEDDED_FILE:
-    resource = resource / part
+  resource = importlib.resources.files(_EMBEDDED_PACKAGE) / _EMBEDDED_FILE
+  if not resource.is_file():
+    raise FileNotFoundError(f"the embedded MNIST sample {_EMBEDDED_FILE} is missing from the installed "
+                            f"package {_EMBEDDED_PACKAGE} ({resource}); reinstall enquant")
   with resource.open("rb") as f, np.load(f, allow_pickle=False) as npz:
     arrays = [npz[k] for k in ("train_images", "train_labels", "test_images", "test_labels")]
   return (*arrays, "embedded")

@@ -1,19 +1,49 @@
-"""Result files written atomically (never a half-written JSON after a crash)."""
+"""Result files written atomically (never a half-written JSON after a crash), never holding NaN.
+
+Temporary files are created with mode ``0o666`` minus the process umask (``0o644`` typically), as
+``open(path, "w")`` would, and then renamed over the destination.
+"""
 
 import json
+import math
 import os
-import tempfile
+import secrets
 from typing import Any
 
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and ``os.replace``."""
+def create_temp(directory: str, suffix: str = "") -> tuple[int, str]:
+  """Creates a new, empty, hidden temporary file in ``directory`` with the umask's permissions.
+
+  Unlike ``tempfile.mkstemp`` (always ``0o600``), the file gets the mode any newly created file gets.
+
+  Args:
+    directory: where (must exist).
+    suffix: end of the file name.
+
+  Returns:
+    ``(fd, path)``: an open write-only descriptor and the file's path.
+  """
+  while True:
+    path = os.path.join(directory, f".tmp-{secrets.token_hex(6)}{suffix}")
+    try:
+      return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+    except FileExistsError:
+      continue
+
+
+def write_bytes_atomic(path: str, write) -> None:
+  """Calls ``write(binary_file)`` on a temporary file beside ``path``, syncs it, renames it to ``path``.
+
+  Args:
+    path: destination.
+    write: a function of the open binary file object.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  fd, tmp = create_temp(directory, suffix="-" + os.path.basename(path))
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -23,8 +53,18 @@ def write_text_atomic(path: str, text: str) -> None:
     raise
 
 
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``."""
+  write_bytes_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_to_builtin) + "\n")
+  """Writes ``obj`` as indented JSON, atomically.
+
+  Raises:
+    ValueError: ``obj`` holds NaN or infinity (named by its key path); nothing is written.
+  """
+  write_text_atomic(path, _dumps(obj, path, indent=2) + "\n")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -40,14 +80,45 @@ def read_json(path: str) -> Any:
 
 
 def json_line(row: dict) -> str:
-  return json.dumps(row, sort_keys=True, default=_to_builtin) + "\n"
+  """One JSON Lines row (raises ``ValueError`` for NaN or infinity, as :func:`write_json_atomic`)."""
+  return _dumps(row, "a metrics row") + "\n"
 
 
 def append_jsonl(path: str, row: dict) -> None:
+  line = json_line(row)
   with open(path, "a") as f:
-    f.write(json_line(row))
+    f.write(line)
     f.flush()
     os.fsync(f.fileno())
+
+
+def nonfinite_key(obj: Any, prefix: str = "") -> str | None:
+  """The key path of the first NaN or infinite float in a JSON-able ``obj``, or None."""
+  if isinstance(obj, float):
+    return None if math.isfinite(obj) else (prefix or "<value>")
+  if isinstance(obj, dict):
+    items = obj.items()
+  elif isinstance(obj, (list, tuple)):
+    items = enumerate(obj)
+  elif hasattr(obj, "tolist"):
+    return nonfinite_key(obj.tolist(), prefix)
+  else:
+    return None
+  for k, v in items:
+    found = nonfinite_key(v, f"{prefix}.{k}" if prefix else str(k))
+    if found is not None:
+      return found
+  return None
+
+
+def _dumps(obj: Any, what: str, indent: int | None = None) -> str:
+  try:
+    return json.dumps(obj, indent=indent, sort_keys=True, default=_to_builtin, allow_nan=False)
+  except ValueError:
+    key = nonfinite_key(obj)
+    if key is None:
+      raise
+    raise ValueError(f"refusing to write {what}: {key} is not a finite number") from None
 
 
 def _to_builtin(x):

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from enquant import checkpoint as ckpt_lib
+from enquant import config as config_lib
 from enquant import data as data_lib
 from enquant import evaluate as evaluate_lib
 from enquant import export as export_lib
@@ -34,6 +35,15 @@ class RunExistsError(RuntimeError):
   """The run directory already holds a finished run or one of another configuration."""
 
 
+class WorkdirError(ValueError):
+  """The run directory cannot be used: it is a file, lies under a file, or is not writable."""
+
+
+# What a run (and ``experiments.evaluate``) writes into its directory: ``--overwrite`` removes exactly these.
+RUN_FILES = ("results.json", "results.md", "model_packed.npz", "metrics.jsonl", "checkpoints")
+RUN_FILE_PATTERNS = ("evaluation*.json", "evaluation*.md", "*.png", ".tmp-*")
+
+
 def software_versions() -> dict[str, str]:
   import flax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -42,37 +52,101 @@ def software_versions() -> dict[str, str]:
           "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}"}
 
 
-def prepare_workdir(cfg: ExperimentConfig, workdir: str, *, overwrite: bool = False) -> None:
-  """Creates/validates the run directory and writes ``config.json``."""
-  os.makedirs(workdir, exist_ok=True)
-  config_path = os.path.join(workdir, "config.json")
-  results_path = os.path.join(workdir, "results.json")
-  if os.path.exists(results_path) and not overwrite:
+def _nearest_existing(path: str) -> str:
+  while not os.path.lexists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return path
+
+
+def check_workdir(cfg: ExperimentConfig, workdir: str, *, overwrite: bool = False) -> None:
+  """Checks, changing nothing, that ``workdir`` can hold this run.
+
+  Args:
+    cfg: the experiment.
+    workdir: run directory (it need not exist).
+    overwrite: a finished run or one of another configuration may be replaced.
+
+  Raises:
+    WorkdirError: ``workdir`` is a file, lies under a file, or cannot be written.
+    RunExistsError: it holds a finished run, or a run of another configuration (without ``overwrite``).
+  """
+  path = os.path.abspath(workdir)
+  existing = _nearest_existing(path)
+  if not os.path.isdir(existing):
+    where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+    raise WorkdirError(f"run directory {workdir} {where}, not a directory; choose another --workdir")
+  for folder in (existing, os.path.join(path, "checkpoints")):
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+      raise WorkdirError(f"run directory {workdir} is not writable ({folder}: permission denied)")
+  if existing != path or overwrite:
+    return
+  if os.path.exists(os.path.join(path, "results.json")):
     raise RunExistsError(f"{workdir} already holds a finished run (results.json); pass --overwrite "
                          "to train it again or choose another --workdir")
+  config_path = os.path.join(path, "config.json")
   if os.path.exists(config_path):
-    old = ExperimentConfig.from_dict(files.read_json(config_path))
-    if old.fingerprint_dict() != cfg.fingerprint_dict():
-      a, b = old.fingerprint_dict(), cfg.fingerprint_dict()
+    try:
+      a = ExperimentConfig.from_dict(files.read_json(config_path)).fingerprint_dict()
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+      raise RunExistsError(f"{workdir} holds an unreadable config.json ({type(e).__name__}); choose "
+                           "another --workdir or pass --overwrite") from None
+    b = cfg.fingerprint_dict()
+    if a != b:
       diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-      if not overwrite:
-        raise RunExistsError(f"{workdir} holds a run of another configuration (differs in "
-                             f"{', '.join(diff)}); choose another --workdir or pass --overwrite")
+      raise RunExistsError(f"{workdir} holds a run of another configuration (differs in "
+                           f"{', '.join(diff)}); choose another --workdir or pass --overwrite")
+
+
+def _clear_previous_run(workdir: str) -> None:
+  """Removes what an earlier run wrote (results first, ``config.json`` last); other files stay."""
+  import fnmatch  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  names = sorted(os.listdir(workdir))
+  doomed = [n for n in RUN_FILES if n in names]
+  doomed += [n for n in names if n not in doomed and any(fnmatch.fnmatch(n, p) for p in RUN_FILE_PATTERNS)]
+  doomed += ["config.json"] if "config.json" in names else []
+  for name in doomed:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+
+
+def prepare_workdir(cfg: ExperimentConfig, workdir: str, *, overwrite: bool = False) -> None:
+  """Validates the run directory (:func:`check_workdir`), clears it if ``overwrite``, writes ``config.json``.
+
+  Call it only once the run can really start (configuration validated, data loaded): with ``overwrite``
+  everything the previous run wrote is removed.
+  """
+  check_workdir(cfg, workdir, overwrite=overwrite)
+  os.makedirs(workdir, exist_ok=True)
   if overwrite:
-    import shutil  # pylint: disable=g-import-not-at-top
-    for name in ("checkpoints", "metrics.jsonl", "results.json", "results.md"):
-      path = os.path.join(workdir, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
-  files.write_text_atomic(config_path, cfg.to_json() + "\n")
+    _clear_previous_run(workdir)
+  files.write_text_atomic(os.path.join(workdir, "config.json"), cfg.to_json() + "\n")
+
+
+def _resume(ckpt: ckpt_lib.Checkpointer, state, fingerprint: str, log) -> tuple[int, Any]:
+  """``(epochs done, state)`` from the newest checkpoint that passes verification (0 and ``state`` when
+  there is none); newer checkpoints that failed are moved to ``checkpoints/rejected/``."""
+  found = ckpt.restore_latest(state, expect_fingerprint=fingerprint, log=log)
+  if found is None:
+    return 0, state
+  ckpt.set_aside([e for e in ckpt.epochs() if e > found.epoch])
+  return found.epoch, found.state
 
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = True,
                        overwrite: bool = False, stop_after_epochs: int | None = None,
                        devices=None, log=print) -> dict[str, Any] | None:
   """Trains (resuming if possible), evaluates, and writes the run directory.
+
+  The directory is validated first, but changed (``overwrite`` clears it, ``config.json`` is written) only
+  once the configuration is validated and the data are loaded. Each epoch writes its metrics row and then
+  commits its checkpoint (:mod:`enquant.checkpoint`: verified on resume, the newest good one is used).
 
   Args:
     cfg: the experiment.
@@ -85,9 +159,18 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
 
   Returns:
     The results dictionary (also in ``results.json``), or None when stopped early.
+
+  Raises:
+    WorkdirError, RunExistsError: the run directory cannot hold this run.
+    enquant.train.NonFiniteError: training diverged (NaN/inf); no results are written and the last good
+      checkpoint stays.
+    enquant.checkpoint.CheckpointError: no usable checkpoint to resume from.
+    ValueError, FileNotFoundError: bad configuration or data.
   """
   t_start = time.time()
-  prepare_workdir(cfg, workdir, overwrite=overwrite)
+  check_workdir(cfg, workdir, overwrite=overwrite)
+  eval_specs(cfg)  # bad attack names fail now, not after training
+  objective = losses.make_objective(cfg.loss)
   ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source,
                      max_train=cfg.max_train or None, max_test=cfg.max_test or None)
   if ds.num_classes != cfg.model.num_classes:
@@ -96,7 +179,7 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
   if tcfg.batch_size > len(ds.train_images):
     raise ValueError(f"batch_size {tcfg.batch_size} exceeds the {len(ds.train_images)} training images")
   steps_per_epoch = len(ds.train_images) // tcfg.batch_size
-  augment = tcfg.augment if tcfg.augment is not None else ds.train_images.shape[1] == 32
+  augment, flip = config_lib.augmentation(cfg, ds.train_images.shape[1])
   mesh = train_lib.data_mesh(devices)
   train_lib.check_batch(tcfg.batch_size, mesh)
   repl, _ = train_lib.shardings(mesh)
@@ -105,45 +188,53 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
   tx, schedule = train_lib.make_optimizer(tcfg, cfg.quant, steps_per_epoch)
   sample = data_lib.to_float(ds.train_images[:1])
   state = train_lib.create_train_state(model, tx, jax.random.PRNGKey(tcfg.seed), sample)
+  prepare_workdir(cfg, workdir, overwrite=overwrite)  # the run starts: only now the directory changes
   n_params = count_params(state.params)
   log(f"{cfg.model.name} on {ds.name} ({ds.source}): {n_params:,} parameters "
       f"({n_params / 1e6:.2f}M), {len(ds.train_images)} train / {len(ds.test_images)} test images, "
       f"{steps_per_epoch} steps/epoch on {mesh.devices.size} device(s)")
 
   fingerprint = ckpt_lib.fingerprint(cfg.fingerprint_dict())
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  start_epoch = ckpt.latest_epoch() or 0
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if start_epoch:
-    state, _ = ckpt.restore(start_epoch, state, expect_fingerprint=fingerprint)
-    log(f"resumed from {workdir}/checkpoints/{start_epoch} (epoch {start_epoch}/{tcfg.epochs})")
-  # Rows past the checkpoint (an epoch logged but not checkpointed) are dropped: the resumed run redoes them.
-  rows = [r for r in files.read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
-  files.write_text_atomic(metrics_path, "".join(files.json_line(r) for r in rows))
-  state = jax.device_put(state, repl)
+  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    start_epoch, state = _resume(ckpt, state, fingerprint, log)
+    if start_epoch:
+      log(f"resumed from {workdir}/checkpoints/{start_epoch} (epoch {start_epoch}/{tcfg.epochs})")
+    # Rows past the checkpoint (an epoch logged, not checkpointed) are dropped: the resumed run redoes them.
+    rows = [r for r in files.read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
+    files.write_text_atomic(metrics_path, "".join(files.json_line(r) for r in rows))
+    state = jax.device_put(state, repl)
 
-  train_step = train_lib.make_train_step(model, tx, losses.make_objective(cfg.loss),
-                                         augment=augment, mesh=mesh)
-  eval_step = train_lib.make_eval_step(model, mesh)
-  eval_key = jax.random.PRNGKey(cfg.eval.seed)
+    train_step = train_lib.make_train_step(model, tx, objective, augment=augment, flip=flip, mesh=mesh)
+    eval_step = train_lib.make_eval_step(model, mesh)
+    eval_key = jax.random.PRNGKey(cfg.eval.seed)
 
-  def on_epoch_end(epoch, st, train_metrics):
-    variables = {"params": train_lib.eval_params(st, cfg.quant), "batch_stats": st.batch_stats}
-    acc = train_lib.natural_accuracy(eval_step, variables, ds.test_images, ds.test_labels,
-                                     batch_size=tcfg.batch_size, key=eval_key, mesh=mesh)
-    row = {"epoch": epoch + 1, "step": int(st.step), "lr": float(schedule(int(st.step) - 1)),
-           "test_acc": acc, **train_metrics, **epoch_extras(st, cfg)}
-    ckpt.save(epoch + 1, st, {"fingerprint": fingerprint})
-    files.append_jsonl(metrics_path, row)
-    log(f"epoch {epoch + 1}/{tcfg.epochs}: " + ", ".join(
-        f"{k}={v:.4g}" for k, v in row.items() if k in ("train_loss", "test_acc", "m_bound",
-                                                        "weight_sparsity", "epoch_seconds")))
+    def on_epoch_end(epoch, st, train_metrics):
+      variables = {"params": train_lib.eval_params(st, cfg.quant), "batch_stats": st.batch_stats}
+      acc = train_lib.natural_accuracy(eval_step, variables, ds.test_images, ds.test_labels,
+                                       batch_size=tcfg.batch_size, key=eval_key, mesh=mesh)
+      row = {"epoch": epoch + 1, "step": int(st.step), "lr": float(schedule(int(st.step) - 1)),
+             "test_acc": acc, **train_metrics, **epoch_extras(st, cfg)}
+      bad = files.nonfinite_key(row)
+      if bad is not None:
+        raise train_lib.NonFiniteError(f"non-finite {bad} ({row[bad]}) after epoch {epoch + 1}: "
+                                       "training stopped")
+      files.append_jsonl(metrics_path, row)  # the row first: no checkpoint is ever without its row
+      ckpt.save(epoch + 1, st, {"fingerprint": fingerprint})
+      log(f"epoch {epoch + 1}/{tcfg.epochs}: " + ", ".join(
+          f"{k}={v:.4g}" for k, v in row.items() if k in ("train_loss", "test_acc", "m_bound",
+                                                          "weight_sparsity", "epoch_seconds")))
 
-  stop = tcfg.epochs if stop_after_epochs is None else min(tcfg.epochs, stop_after_epochs)
-  state = train_lib.run_epochs(train_step, state, ds.train_images, ds.train_labels, cfg=tcfg,
-                               mesh=mesh, start_epoch=start_epoch, stop_epoch=stop,
-                               on_epoch_end=on_epoch_end, progress=progress)
-  ckpt.close()
+    stop = tcfg.epochs if stop_after_epochs is None else min(tcfg.epochs, stop_after_epochs)
+    try:
+      state = train_lib.run_epochs(train_step, state, ds.train_images, ds.train_labels, cfg=tcfg,
+                                   mesh=mesh, start_epoch=start_epoch, stop_epoch=stop,
+                                   on_epoch_end=on_epoch_end, progress=progress)
+    except train_lib.NonFiniteError as e:
+      last = ckpt.latest_epoch()
+      kept = f"the last good checkpoint (epoch {last}) is kept" if last else "no checkpoint was written"
+      raise train_lib.NonFiniteError(f"{e}; no results written, {kept}; lower --lr or check the data") \
+          from None
   if stop < tcfg.epochs:
     return None
 
@@ -157,42 +248,50 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
   return results
 
 
-def load_run(workdir: str, *, data_dir: str | None = None):
-  """Restores a run directory's configuration, model and (evaluation) variables from its newest checkpoint.
+def load_run(workdir: str, *, data_dir: str | None = None, log=print):
+  """Restores a run directory's configuration, model and (evaluation) variables from its newest good
+  checkpoint (checkpoints that fail verification are skipped, and ``log`` is told in one line).
 
   Returns:
     ``(cfg, model, variables, state)``; ``variables`` hold P(w) for quantized runs.
 
   Raises:
     FileNotFoundError: no run (config.json / checkpoints) in ``workdir``.
+    ValueError: an unreadable config.json; :class:`enquant.checkpoint.CheckpointError` (a ValueError)
+      when no checkpoint passes verification or they belong to another configuration.
   """
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"no run in {workdir}: config.json is missing")
-  cfg = ExperimentConfig.from_dict(files.read_json(config_path))
+  try:
+    cfg = ExperimentConfig.from_dict(files.read_json(config_path))
+  except (ValueError, TypeError, AttributeError) as e:
+    raise ValueError(f"{config_path} is unreadable ({type(e).__name__}: {e})") from None
   if data_dir is not None:
     cfg = dataclasses.replace(cfg, data_dir=data_dir)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  epoch = ckpt.latest_epoch()
-  if epoch is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
   model = EnResNet(cfg.model)
   steps_per_epoch = max(1, (cfg.max_train or data_lib.DATASETS[cfg.dataset].num_train)
                         // cfg.train.batch_size)
   tx, _ = train_lib.make_optimizer(cfg.train, cfg.quant, steps_per_epoch)
   shape = (1,) + tuple(data_lib.DATASETS[cfg.dataset].image_shape)
   target = train_lib.create_train_state(model, tx, jax.random.PRNGKey(0), np.zeros(shape, np.float32))
-  state, _ = ckpt.restore(epoch, target, expect_fingerprint=ckpt_lib.fingerprint(cfg.fingerprint_dict()))
-  ckpt.close()
+  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    found = ckpt.restore_latest(target, expect_fingerprint=ckpt_lib.fingerprint(cfg.fingerprint_dict()),
+                                log=log)
+  if found is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  state = found.state
   variables = {"params": train_lib.eval_params(state, cfg.quant), "batch_stats": state.batch_stats}
   return cfg, model, variables, state
 
 
 def epoch_extras(state, cfg: ExperimentConfig) -> dict[str, float]:
-  """Per-epoch extras: the M_t bound (max over conv layers of mean|w|, float weights) and, for quantized
-  runs, the weight/channel sparsity of P(w)."""
-  weights = quant.float_weights(state.opt_state) if cfg.quant.enabled else state.params
-  extras = {"m_bound": sparsity.m_bound(jax.device_get(weights))}
+  """Per-epoch extras: the M_t bound (max over conv layers of mean|w|, float weights) over all conv kernels
+  (``m_bound``) and over the 3x3 kernels only (``m_bound_3x3``: the 1x1 shortcuts left out), and, for
+  quantized runs, the weight/channel sparsity of P(w)."""
+  weights = jax.device_get(quant.float_weights(state.opt_state) if cfg.quant.enabled else state.params)
+  extras = {"m_bound": sparsity.m_bound(weights),
+            "m_bound_3x3": sparsity.m_bound(weights, sparsity.spatial_conv_mask)}
   if cfg.quant.enabled:
     report = sparsity.weight_report(jax.device_get(train_lib.eval_params(state, cfg.quant)))
     extras.update(weight_sparsity=report["total/weight_sparsity"],
@@ -201,12 +300,18 @@ def epoch_extras(state, cfg: ExperimentConfig) -> dict[str, float]:
 
 
 def eval_specs(cfg: ExperimentConfig):
-  """The final evaluation's attacks: ``cfg.eval.attacks``, plus EOT variants for randomized models."""
-  specs = list(evaluate_lib.parse_attacks(cfg.eval.attacks, eps=cfg.eval.eps))
+  """The final evaluation's attacks: ``cfg.eval.attacks`` at ``cfg.eval.eps``, plus EOT variants for
+  randomized models, plus every attack again at each of ``cfg.eval.extra_eps`` (named ``<name>@<eps>``)."""
+  base = list(evaluate_lib.parse_attacks(cfg.eval.attacks, eps=cfg.eval.eps))
   if cfg.model.noise_coef > 0 and cfg.eval.eot_samples > 1:
-    specs += [dataclasses.replace(s, name=f"{s.name}-eot{cfg.eval.eot_samples}",
-                                  eot_samples=cfg.eval.eot_samples)
-              for s in specs if s.kind != "none" and s.eot_samples == 1]
+    base += [dataclasses.replace(s, name=f"{s.name}-eot{cfg.eval.eot_samples}",
+                                 eot_samples=cfg.eval.eot_samples)
+             for s in base if s.kind != "none" and s.eot_samples == 1]
+  specs = list(base)
+  for eps in cfg.eval.extra_eps:
+    for spec in evaluate_lib.parse_attacks(cfg.eval.attacks, eps=eps):
+      if spec.kind != "none":
+        specs.append(dataclasses.replace(spec, name=f"{spec.name}@{eps:g}"))
   return tuple(specs)
 
 
@@ -218,20 +323,25 @@ def robust_evaluation(cfg: ExperimentConfig, model: EnResNet, variables, images,
   key = jax.random.PRNGKey(cfg.eval.seed)
   target_fn = jax.tree_util.Partial(model.apply_eval, variables)
   if oracle is None:
-    acc = evaluate_lib.evaluate(target_fn, images, labels, specs, batch_size=cfg.eval.batch_size,
-                                key=key, progress=progress, max_unroll=cfg.eval.max_unroll)
+    acc, masks = evaluate_lib.evaluate(target_fn, images, labels, specs,
+                                       batch_size=cfg.eval.batch_size, key=key, progress=progress,
+                                       max_unroll=cfg.eval.max_unroll, return_masks=True)
   else:
     oracle_fn = jax.tree_util.Partial(oracle[0].apply_eval, oracle[1])
-    acc = evaluate_lib.transfer(oracle_fn, target_fn, images, labels, specs,
-                                batch_size=cfg.eval.batch_size, key=key, progress=progress,
-                                max_unroll=cfg.eval.max_unroll)
+    acc, masks = evaluate_lib.transfer(oracle_fn, target_fn, images, labels, specs,
+                                       batch_size=cfg.eval.batch_size, key=key, progress=progress,
+                                       max_unroll=cfg.eval.max_unroll, return_masks=True)
   out: dict[str, Any] = {"accuracy": acc, "attacks": [s.to_dict() for s in specs],
                          "eval_seed": cfg.eval.seed, "examples": int(acc["n"])}
-  robust = {s.name: acc[s.name] for s in specs if s.kind != "none"}
-  if robust:
-    strongest = min(robust, key=robust.get)
-    out["robustbench"] = dict(evaluate_lib.robustbench_entry(acc, strongest, eps=cfg.eval.eps),
-                              attack=strongest)
+  # The RobustBench-style row: per image, the worst case over every attack run at the main eps (an
+  # image counts as robust only if no attack broke it), not the single strongest attack's accuracy.
+  at_eps = [s.name for s in specs if s.kind != "none" and s.eps == cfg.eval.eps]
+  if at_eps:
+    worst = evaluate_lib.worst_case(masks, at_eps)
+    acc_worst = dict(acc, worst_case=float(worst.mean()))
+    out["accuracy_worst_case"] = float(worst.mean())
+    out["robustbench"] = dict(evaluate_lib.robustbench_entry(acc_worst, "worst_case", eps=cfg.eval.eps),
+                              attacks=at_eps, aggregation="per-image worst case")
   return out
 
 
@@ -253,7 +363,8 @@ def efficiency_report(cfg: ExperimentConfig, model: EnResNet, variables, ds, wor
     return out
   packed = export_lib.pack(params, cfg.quant.bits, cfg.quant.ternary_method)
   path = os.path.join(workdir, "model_packed.npz")
-  export_lib.save(path, packed)
+  export_lib.save(path, packed, batch_stats=variables["batch_stats"], model_config=cfg.model,
+                  input_shape=shape)
   out["packed"] = dict(export_lib.size_report(params, packed), file=os.path.basename(path),
                        file_bytes=os.path.getsize(path))
   log(f"packed {cfg.quant.bits}-bit model: {out['packed']['packed_bytes'] / 1024:.1f} KiB "
@@ -284,6 +395,11 @@ def final_results(cfg, model, state, ds, *, mesh, eval_step, progress, log, work
     figure_examples(cfg, model, variables, ds, os.path.join(workdir, "adversarial_examples.png"))
   results["efficiency"] = efficiency_report(cfg, model, variables, ds, workdir, log=log)
   rows = files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  for name in ("m_bound", "m_bound_3x3"):  # the paper's M = max over epochs t of M_t (Table IV)
+    logged = [r for r in rows if name in r]
+    if logged:
+      best = max(logged, key=lambda r, n=name: r[n])
+      results[name], results[name + "_epoch"] = best[name], int(best["epoch"])
   if rows:
     plots.training_curves(os.path.join(workdir, "training_curves.png"), rows)
   return results
@@ -320,9 +436,17 @@ def markdown_row(results: dict[str, Any]) -> str:
   for k, v in acc.items():
     if k not in ("natural", "n"):
       cols[k] = f"{100 * v:.2f}%"
+  if "robust" in results and "accuracy_worst_case" in results["robust"]:
+    cols["worst case"] = f"{100 * results['robust']['accuracy_worst_case']:.2f}%"
   if "sparsity" in eff:
     cols["weight sparsity"] = f"{100 * eff['sparsity']['total/weight_sparsity']:.2f}%"
     cols["channel sparsity"] = f"{100 * eff['sparsity']['total/channel_sparsity']:.2f}%"
+  paper = eff.get("sparsity_paper_counting", {})
+  if "total/in_channel_sparsity" in paper:  # the paper's count: input channels of the 3x3 convs
+    cols["channel sparsity (paper)"] = (f"{100 * paper['total/in_channel_sparsity']:.2f}% "
+                                        f"({paper['total/zero_in_channels']:.0f}/{paper['total/in_channels']:.0f})")
+  if "m_bound" in results:
+    cols["M (all / 3x3)"] = f"{results['m_bound']:.4f} / {results['m_bound_3x3']:.4f}"
   if "packed" in eff:
     cols["packed KiB"] = f"{eff['packed']['packed_bytes'] / 1024:.1f}"
   if "pruning" in eff:

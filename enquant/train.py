@@ -49,13 +49,15 @@ def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Sche
     return optax.cosine_decay_schedule(cfg.lr, total)
   if cfg.lr_schedule == "constant":
     return optax.constant_schedule(cfg.lr)
-  boundaries = {int(round(m * cfg.epochs)) * steps_per_epoch: cfg.lr_decay for m in cfg.milestones}
+  # Fractions of all steps: epochs 80/120/160 of 200 exactly, and still inside a 1-epoch run.
+  boundaries = {int(round(m * cfg.epochs * steps_per_epoch)): cfg.lr_decay for m in cfg.milestones}
   return optax.piecewise_constant_schedule(cfg.lr, boundaries)
 
 
 def projection_for(qcfg: QuantConfig) -> Callable:
   """Per-member projection onto the quantized set (stacked ensemble parameters)."""
-  return quant.per_member(quant.make_projection(qcfg.bits, ternary_method=qcfg.ternary_method))
+  return quant.per_member(quant.make_projection(qcfg.bits, ternary_method=qcfg.ternary_method,
+                                                mbit_method=qcfg.mbit_method))
 
 
 def make_optimizer(cfg: TrainConfig, qcfg: QuantConfig, steps_per_epoch: int):
@@ -74,7 +76,7 @@ def make_optimizer(cfg: TrainConfig, qcfg: QuantConfig, steps_per_epoch: int):
   projection = projection_for(qcfg)
   if qcfg.mode == "bc":
     return quant.binary_connect(inner, projection), schedule
-  relax_steps = int(round(qcfg.relax_fraction * cfg.epochs)) * steps_per_epoch
+  relax_steps = int(round(qcfg.relax_fraction * cfg.epochs * steps_per_epoch))
   growth_every = max(1, int(round(qcfg.growth_every_epochs * steps_per_epoch)))
   tx = quant.binary_relax(inner, projection, lambda0=qcfg.lambda0, growth=qcfg.growth,
                           growth_every=growth_every, relax_steps=relax_steps)
@@ -108,7 +110,7 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
 
 
 def make_train_step(model: EnResNet, tx: optax.GradientTransformation, objective, *,
-                    augment: bool, mesh: Mesh):
+                    augment: bool, mesh: Mesh, flip: bool = True):
   """The jitted data-parallel step ``(state, images_uint8, labels) -> (state, metrics)``.
 
   Args:
@@ -116,8 +118,9 @@ def make_train_step(model: EnResNet, tx: optax.GradientTransformation, objective
     tx: the optimizer (possibly Binary-Relax-wrapped: gradients are taken at the params u, the update moves
       the float weights w inside the optimizer state, and the params become exactly the new u).
     objective: ``(perturb, loss)`` from :func:`enquant.losses.make_objective`.
-    augment: pad-4 random crop + horizontal flip on the device.
+    augment: pad-4 random crop (+ horizontal flip when ``flip``) on the device.
     mesh: devices to shard the batch over.
+    flip: random horizontal flips with the crop (off for SVHN's digits).
   """
   perturb, loss_fn = objective
   repl, batch = shardings(mesh)
@@ -127,19 +130,21 @@ def make_train_step(model: EnResNet, tx: optax.GradientTransformation, objective
     k_aug, k_adv, k_fwd = jax.random.split(key, 3)
     x = data_lib.to_float(images)
     if augment:
-      x = data_lib.augment(k_aug, x)
+      x = data_lib.augment(k_aug, x, flip=flip)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    x_adv = perturb(model, variables, x, labels, k_adv) if perturb is not None else None
+    x_adv, batch_stats = None, state.batch_stats
+    if perturb is not None:  # BatchNorm statistics change only when the attack runs in train mode
+      x_adv, batch_stats = perturb(model, variables, x, labels, k_adv)
 
     def objective_at(params):
-      return loss_fn(model, params, state.batch_stats, x, x_adv, labels, k_fwd)
+      return loss_fn(model, params, batch_stats, x, x_adv, labels, k_fwd)
 
     (_, (batch_stats, metrics)), grads = jax.value_and_grad(objective_at, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = quant.snap_params(optax.apply_updates(state.params, updates), opt_state)
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                            opt_state=opt_state, key=state.key)
-    return new_state, metrics
+    return new_state, dict(metrics, **finite_flags(new_state))
 
   return jax.jit(step, in_shardings=(repl, batch, batch), out_shardings=(repl, repl),
                  donate_argnums=(0,))
@@ -184,6 +189,37 @@ def natural_accuracy(eval_step, variables, images: np.ndarray, labels: np.ndarra
   return correct / n
 
 
+FINITE_PREFIX = "finite/"
+_FINITE_PARTS = {"params": "parameters", "batch_stats": "BatchNorm statistics",
+                 "opt_state": "optimizer state"}
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced NaN or infinity (a loss, a metric, the parameters or the optimizer state)."""
+
+
+def finite_flags(state: TrainState) -> dict[str, jax.Array]:
+  """``{"finite/<part>": bool}`` for the float leaves of the state's parameters, BN statistics and
+  optimizer state; computed inside the jitted step so the check costs no extra device round trip."""
+  flags = {}
+  for part in _FINITE_PARTS:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(getattr(state, part))
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    flags[FINITE_PREFIX + part] = jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  return flags
+
+
+def nonfinite_quantity(metrics: dict) -> str | None:
+  """What is not finite in a step's host metrics (a loss or metric by name, or a state part), or None."""
+  for k, v in metrics.items():
+    if k.startswith(FINITE_PREFIX):
+      if not bool(v):
+        return _FINITE_PARTS.get(k[len(FINITE_PREFIX):], k)
+    elif not np.all(np.isfinite(v)):
+      return f"{k} ({float(np.ravel(v)[0])})"
+  return None
+
+
 def run_epochs(train_step, state: TrainState, images: np.ndarray, labels: np.ndarray, *,
                cfg: TrainConfig, mesh: Mesh, start_epoch: int, stop_epoch: int,
                on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
@@ -193,6 +229,14 @@ def run_epochs(train_step, state: TrainState, images: np.ndarray, labels: np.nda
   Batches come from :func:`enquant.data.epoch_batches` seeded by ``(cfg.seed, epoch)`` and the step keys from
   the state, so a run resumed from the checkpoint of epoch k continues exactly as if never stopped.
   ``on_epoch_end(epoch, state, train_metrics)`` runs after each epoch (evaluation, logging, checkpoint).
+
+  Every step's metrics (which come back to the host anyway) are checked, with the step's finiteness flags
+  (:func:`finite_flags`): the first NaN or infinity stops training.
+
+  Raises:
+    NonFiniteError: a loss/metric, the parameters, the BN statistics or the optimizer state became NaN or
+      infinite; the message names the epoch, the step and the quantity. ``on_epoch_end`` is not called for
+      that epoch.
   """
   check_batch(cfg.batch_size, mesh)
   _, batch = shardings(mesh)
@@ -206,8 +250,14 @@ def run_epochs(train_step, state: TrainState, images: np.ndarray, labels: np.nda
       state, metrics = train_step(state, jax.device_put(images[idx], batch),
                                   jax.device_put(labels[idx], batch))
       metrics = jax.device_get(metrics)
+      bad = nonfinite_quantity(metrics)
+      if bad is not None:
+        bar.close()
+        raise NonFiniteError(f"non-finite {bad} at epoch {epoch + 1}, step {i + 1} of {len(order)} "
+                             f"(global step {epoch * len(order) + i + 1}): training stopped")
       for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
+        if not k.startswith(FINITE_PREFIX):
+          sums[k] = sums.get(k, 0.0) + float(v)
       if progress and (i % 10 == 0 or i == len(order) - 1):
         bar.set_postfix({k: f"{v / (i + 1):.3f}" for k, v in sums.items()
                          if k in ("loss", "nat_acc", "adv_acc")})

@@ -26,7 +26,9 @@ flags.DEFINE_float("lr", 0.1, "Peak learning rate.")
 flags.DEFINE_enum("lr_schedule", "multistep", ["multistep", "cosine", "constant"], "LR schedule.")
 flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, batches, augmentation, noise and attacks.")
-flags.DEFINE_enum("augment", "auto", ["auto", "on", "off"], "Random crop + flip (auto: 32x32 sets).")
+flags.DEFINE_enum("augment", "auto", ["auto", "on", "off"], "Random pad-4 crop (auto: 32x32 sets).")
+flags.DEFINE_enum("flip", "auto", ["auto", "on", "off"], "Horizontal flips with the crop (auto: all "
+                  "but SVHN).")
 # Data.
 flags.DEFINE_string("data_dir", None, "Folder with the official dataset files (default: "
                     "$ENQUANT_DATA_DIR, ../shared/data beside the repo, or ~/.enquant/data).")
@@ -36,34 +38,51 @@ flags.DEFINE_integer("max_test", 0, "Use only the first N test images (0: all)."
 # Quantization.
 flags.DEFINE_enum("quant", "float", ["float", "bc", "br"], "Weight quantization of conv kernels.")
 flags.DEFINE_integer("bits", 1, "1 binary, 2 ternary, 4 four-bit.")
-flags.DEFINE_enum("ternary_method", "exact", ["exact", "twn", "br"], "Ternary projection.")
+flags.DEFINE_enum("ternary_method", "br", ["exact", "twn", "br"], "Ternary projection (br: "
+                  "BinaryRelax's quantize_tnn, the paper's tnn; exact: the Euclidean projection).")
+flags.DEFINE_enum("mbit_method", "bcgd", ["bcgd", "lloyd", "exact"], "m-bit projection (bcgd: "
+                  "BinaryRelax/BCGD's quantize_fbit, the paper's 4-bit; lloyd: refined, less sparse).")
 flags.DEFINE_float("br_lambda0", 1.0, "Binary-Relax initial lambda.")
 flags.DEFINE_float("br_growth", 1.05, "Binary-Relax lambda growth rate.")
 flags.DEFINE_float("br_growth_every", 1.0, "Grow lambda every this many epochs.")
 flags.DEFINE_float("br_relax_fraction", 0.4, "Fraction of epochs relaxed before Binary-Connect.")
 # Loss.
-flags.DEFINE_enum("loss", "natural", ["natural", "at", "tradeoff", "trades"], "Training objective.")
+flags.DEFINE_enum("loss", "tradeoff", ["natural", "at", "tradeoff", "trades"], "Training objective "
+                  "(at: PGD-AT; tradeoff: the paper's loss (6); trades: loss (5)).")
 flags.DEFINE_float("alpha", 1.0, "Trade-off loss (6): weight of the natural CE.")
 flags.DEFINE_float("beta", 8.0, "Trade-off loss (6) weight of the adversarial CE / TRADES beta.")
-flags.DEFINE_float("train_eps", 8 / 255, "Training attack l_inf radius.")
-flags.DEFINE_float("train_step_size", 2 / 255, "Training attack step size.")
+flags.DEFINE_float("train_eps", 0.031, "Training attack l_inf radius (EnResNet code: 0.031).")
+flags.DEFINE_float("train_step_size", 0.007, "Training attack step size (EnResNet code: 0.007).")
 flags.DEFINE_integer("train_steps", 10, "Training attack steps.")
+flags.DEFINE_enum("train_attack_bn", "train", ["eval", "train"], "BatchNorm mode while crafting training "
+                  "attacks (train: batch statistics, as the EnResNet PGD-AT code; eval: running stats).")
 # Evaluation.
 flags.DEFINE_string("attacks", "a1,a2,a3", "Final evaluation attacks, comma-separated: a1 (FGSM), "
                     "a2 (IFGSM-20), a3 (CW-l_inf 50), fgsm, pgd<N>, cw<N>, apgd-ce, apgd-dlr, "
                     "with optional -eot<K>, -r<R> (restarts), -rs (random start).")
 flags.DEFINE_integer("eot_samples", 5, "Also run every attack with EOT over K noise draws (randomized "
                      "models only; <= 1: off).")
-flags.DEFINE_float("eval_eps", 8 / 255, "Evaluation attack l_inf radius.")
-flags.DEFINE_integer("eval_max", 1000, "Robust evaluation on the first N test images (0: all).")
+flags.DEFINE_float("eval_eps", 0.031, "Evaluation attack l_inf radius (the paper: 0.031).")
+flags.DEFINE_list("eval_extra_eps", [], "Further radii every attack also runs at (mnist/fmnist: 0.1,0.3).")
+flags.DEFINE_integer("eval_max", 0, "Robust evaluation on the first N test images (0: all).")
 flags.DEFINE_integer("eval_seed", 1234, "Key of the (randomized) evaluation.")
-flags.DEFINE_integer("max_unroll", 50, "Attacks of at most this many steps are unrolled (faster on "
-                     "XLA:CPU, slower to compile).")
+flags.DEFINE_integer("max_unroll", 0, "Attacks of at most this many steps are unrolled (longer "
+                     "compiles, no faster with enquant's convolution gradient); 0: all rolled.")
 # Run.
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>-<model>-<quant>-<loss>-s<seed>).")
 flags.DEFINE_bool("quick", False, "Shrink everything for a CPU smoke run.")
 flags.DEFINE_bool("overwrite", False, "Replace a finished run in --workdir.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def _tristate(value: str) -> bool | None:
+  return {"auto": None, "on": True, "off": False}[value]
+
+
+def set_defaults(values: dict) -> None:
+  """Sets flag defaults (before absl parses the command line)."""
+  for name, value in values.items():
+    FLAGS.set_default(name, value)
 
 
 def config_from_flags(dataset: str):
@@ -75,6 +94,12 @@ def config_from_flags(dataset: str):
 
   if FLAGS.width < 1:
     raise ValueError(f"--width must be >= 1, got {FLAGS.width}")
+  try:
+    extra_eps = tuple(float(e) for e in FLAGS.eval_extra_eps)
+  except ValueError as e:
+    raise ValueError(f"--eval_extra_eps must be numbers, got {FLAGS.eval_extra_eps}") from e
+  if any(not 0 < e <= 1 for e in extra_eps):
+    raise ValueError(f"--eval_extra_eps must lie in (0, 1], got {FLAGS.eval_extra_eps}")
   try:
     stages = tuple(int(s) for s in FLAGS.stages) if FLAGS.stages else None
   except ValueError as e:
@@ -88,14 +113,17 @@ def config_from_flags(dataset: str):
       train=config_lib.TrainConfig(
           epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
           lr_schedule=FLAGS.lr_schedule, weight_decay=FLAGS.weight_decay, seed=FLAGS.seed,
-          augment={"auto": None, "on": True, "off": False}[FLAGS.augment]),
+          augment=_tristate(FLAGS.augment), flip=_tristate(FLAGS.flip)),
       loss=LossConfig(kind=FLAGS.loss, alpha=FLAGS.alpha, beta=FLAGS.beta, eps=FLAGS.train_eps,
-                      step_size=FLAGS.train_step_size, steps=FLAGS.train_steps),
+                      step_size=FLAGS.train_step_size, steps=FLAGS.train_steps,
+                      attack_bn="eval" if FLAGS.loss == "trades" else FLAGS.train_attack_bn),
       quant=config_lib.QuantConfig(
           mode=FLAGS.quant, bits=FLAGS.bits, ternary_method=FLAGS.ternary_method,
+          mbit_method=FLAGS.mbit_method,
           lambda0=FLAGS.br_lambda0, growth=FLAGS.br_growth, growth_every_epochs=FLAGS.br_growth_every,
           relax_fraction=FLAGS.br_relax_fraction),
-      eval=config_lib.EvalConfig(attacks=FLAGS.attacks, eps=FLAGS.eval_eps, max_examples=FLAGS.eval_max,
+      eval=config_lib.EvalConfig(attacks=FLAGS.attacks, eps=FLAGS.eval_eps, extra_eps=extra_eps,
+                                 max_examples=FLAGS.eval_max,
                                  seed=FLAGS.eval_seed, eot_samples=FLAGS.eot_samples,
                                  max_unroll=FLAGS.max_unroll),
   )
@@ -118,8 +146,14 @@ def default_workdir(cfg) -> str:
 
 
 def run(dataset: str) -> None:
-  """Entry point body shared by every dataset: exits non-zero with one clear line on bad input."""
+  """Entry point body shared by every dataset: exits non-zero with one clear line on bad input.
+
+  Exit status 2: bad flags, data, run directory (``OSError`` included: read-only, a file, disk full) or
+  an unusable checkpoint; 3: training diverged (NaN/inf; no results written, the last good checkpoint
+  stays).
+  """
   from enquant import pipeline  # pylint: disable=g-import-not-at-top
+  from enquant import train as train_lib  # pylint: disable=g-import-not-at-top
   import experiments  # pylint: disable=g-import-not-at-top
 
   experiments.quiet_logs()
@@ -128,15 +162,38 @@ def run(dataset: str) -> None:
     workdir = FLAGS.workdir or default_workdir(cfg)
     results = pipeline.train_and_evaluate(cfg, workdir, progress=FLAGS.progress,
                                           overwrite=FLAGS.overwrite)
-  except (ValueError, FileNotFoundError, pipeline.RunExistsError) as e:
+  except train_lib.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  except (ValueError, OSError, pipeline.RunExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"results written to {os.path.join(workdir, 'results.json')}")
   return results
 
 
-def main_for(dataset: str):
-  """An absl ``main`` for ``dataset``."""
+def protocol_defaults(dataset: str) -> dict:
+  """Flag values of the paper's protocol for ``dataset`` (:func:`enquant.paper.protocol`)."""
+  from enquant import paper  # pylint: disable=g-import-not-at-top
+  cfg = paper.protocol(dataset)
+  m, t, l, q, e = cfg.model, cfg.train, cfg.loss, cfg.quant, cfg.eval
+  return dict(
+      depth=m.depth, noise_coef=m.noise_coef, ensembles=m.ensembles, epochs=t.epochs,
+      batch_size=t.batch_size, lr=t.lr, lr_schedule=t.lr_schedule, weight_decay=t.weight_decay,
+      loss=l.kind, alpha=l.alpha, beta=l.beta, train_eps=l.eps, train_step_size=l.step_size,
+      train_steps=l.steps, train_attack_bn=l.attack_bn, quant=q.mode, bits=q.bits,
+      ternary_method=q.ternary_method, mbit_method=q.mbit_method, br_lambda0=q.lambda0,
+      br_growth=q.growth, br_growth_every=q.growth_every_epochs, br_relax_fraction=q.relax_fraction,
+      attacks=e.attacks, eval_eps=e.eps, eval_extra_eps=[f"{v:g}" for v in e.extra_eps],
+      eval_max=e.max_examples, eot_samples=e.eot_samples)
+
+
+def main_for(dataset: str, defaults: dict | None = None):
+  """An absl ``main`` for ``dataset``; the flag defaults are the paper's protocol for it
+  (:func:`enquant.paper.protocol`: ``python -m experiments.cifar10 --ensembles=5 --quant=br`` trains
+  Table I's En5ResNet20 BR row), then ``defaults`` (the demo's)."""
+  set_defaults(protocol_defaults(dataset))
+  set_defaults(defaults or {})
 
   def main(argv):
     if len(argv) > 1:

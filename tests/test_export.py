@@ -1,5 +1,6 @@
 """Bit-packed export: exact round trips, the byte formula, hand-checked bit layouts, corrupt files."""
 
+import dataclasses
 import math
 import os
 
@@ -144,7 +145,7 @@ def test_corrupt_or_mismatched_files_raise_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="invalid 2-bit code"):
     export.unpack(broken)
   # No temporary files are left behind by the atomic writes.
-  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 
 def test_bad_arguments_raise_value_errors(variables):
@@ -160,3 +161,26 @@ def test_bad_arguments_raise_value_errors(variables):
     export.size_report({"other": np.zeros(3)}, _tiny_packed())
   with pytest.raises(ValueError, match="PackedModel"):
     export.save("/tmp/never-written.npz", {"bits": 1})
+
+
+def test_a_file_with_batch_stats_and_model_config_is_a_standalone_model(variables, tmp_path):
+  packed = export.pack(variables["params"], 2)
+  path = tmp_path / "model.npz"
+  export.save(path, packed, batch_stats=variables["batch_stats"], model_config=CONFIG, input_shape=(8, 8, 3))
+  model, restored = export.load_model(path)
+  assert isinstance(model, EnResNet) and model.config == CONFIG
+  expected = {"params": export.unpack(packed), "batch_stats": variables["batch_stats"]}
+  assert _leaves_equal(restored, expected)
+  assert _leaves_equal(export.load(path).floats, packed.floats)  # load() still gives the parameters
+  # A file without statistics or configuration is not a model; nor is one whose arrays do not fit.
+  export.save(tmp_path / "bare.npz", packed)
+  with pytest.raises(ValueError, match="no BatchNorm statistics"):
+    export.load_model(tmp_path / "bare.npz")
+  export.save(tmp_path / "no_config.npz", packed, batch_stats=variables["batch_stats"])
+  with pytest.raises(ValueError, match="no model configuration"):
+    export.load_model(tmp_path / "no_config.npz")
+  other = dataclasses.replace(CONFIG, widths=(4, 4, 8))
+  export.save(tmp_path / "other.npz", packed, batch_stats=variables["batch_stats"], model_config=other,
+              input_shape=(8, 8, 3))
+  with pytest.raises(ValueError, match="does not fit the model"):
+    export.load_model(tmp_path / "other.npz")

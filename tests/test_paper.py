@@ -130,3 +130,14 @@ def test_results_md_counts_channels_as_the_paper():
                                                         if k.startswith("total/")}}}
   md = pipeline.markdown_row(results)
   assert "channel sparsity (paper)" in md and "50.00% (3/6)" in md and "0.3000 / 0.2000" in md
+
+
+def test_svhn_trains_without_flips_and_digits_without_crops():
+  from enquant import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert config_lib.augmentation(paper.protocol("svhn"), 32) == (True, False)
+  assert config_lib.augmentation(paper.protocol("cifar10"), 32) == (True, True)
+  assert config_lib.augmentation(paper.protocol("mnist"), 28) == (False, False)
+  forced = paper.protocol("svhn")
+  forced = forced.__class__(**{**forced.__dict__, "train": forced.train.__class__(
+      **{**forced.train.__dict__, "flip": True})})
+  assert config_lib.augmentation(forced, 32) == (True, True)
