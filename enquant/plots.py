@@ -75,3 +75,51 @@ def m_curves(path: str, curves: dict[str, tuple[list[int], list[float]]]) -> str
   ax.legend(fontsize=8)
   fig.tight_layout()
   return _save(fig, path)
+
+
+def minibatch(path: str, images: np.ndarray, labels: np.ndarray, *, title: str, columns: int = 8,
+              class_names=None) -> str:
+  """Fig. 7 of the paper: a mini-batch of a dataset, each image titled with its label."""
+  n = len(images)
+  rows = -(-n // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows), squeeze=False)
+  for i, ax in enumerate(axes.reshape(-1)):
+    if i < n:
+      image = np.asarray(images[i], np.float32)
+      image = image / 255.0 if image.max() > 1.0 else image
+      name = class_names[int(labels[i])] if class_names else str(int(labels[i]))
+      _show(ax, image, name)
+    else:
+      ax.axis("off")
+  fig.suptitle(title, fontsize=9)
+  return _save(fig, path)
+
+
+def kernels(path: str, panels: dict[str, np.ndarray], *, title: str) -> str:
+  """Figs. 3-6 of the paper: 3x3 kernels (or reshaped channels) side by side, one column per model.
+
+  Args:
+    path: PNG file.
+    panels: ``{column title: (k, H, W) array}``; every column shows its k kernels top to bottom on a
+      symmetric colour scale, exact zeros drawn in white-on-grey so sparsity is visible.
+    title: figure title.
+  """
+  cols = list(panels)
+  k = max(len(v) for v in panels.values())
+  fig, axes = plt.subplots(k, len(cols), figsize=(1.9 * len(cols), 1.5 * k), squeeze=False)
+  for c, name in enumerate(cols):
+    for r in range(k):
+      ax = axes[r, c]
+      ax.axis("off")
+      if r >= len(panels[name]):
+        continue
+      w = np.asarray(panels[name][r], np.float32)
+      scale = float(np.abs(w).max()) or 1.0
+      ax.imshow(w, cmap="coolwarm", vmin=-scale, vmax=scale)
+      zeros = np.argwhere(w == 0)
+      if len(zeros):
+        ax.scatter(zeros[:, 1], zeros[:, 0], s=6, c="k", marker="s")
+      if r == 0:
+        ax.set_title(name, fontsize=8)
+  fig.suptitle(title, fontsize=9)
+  return _save(fig, path)
