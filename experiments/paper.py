@@ -139,6 +139,60 @@ def rebuild_tables(log=print) -> None:
         plots.m_curves(os.path.join(out_dir, "fig2_m_bound.png"), curves)
 
 
+def _kernel_panels(workdir: str, layer=("stage1_block2", "conv1"), count: int = 4, channels: bool = False):
+  """``count`` kernels (member 0) of ``layer`` of a finished run: 3x3 kernels at fixed random positions,
+  or whole output channels reshaped to (in_channels, 9) (the paper's "reshaped channels")."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from enquant import pipeline  # pylint: disable=g-import-not-at-top
+  _, _, variables, _ = pipeline.load_run(workdir, data_dir=FLAGS.data_dir, log=lambda *_: None)
+  kernel = np.asarray(variables["params"][layer[0]][layer[1]]["kernel"][0])  # (3, 3, I, O)
+  rng = np.random.default_rng(0)
+  if channels:
+    outs = rng.choice(kernel.shape[-1], count, replace=False)
+    return np.stack([kernel[..., o].reshape(9, -1).T for o in outs])
+  idx = [(rng.integers(kernel.shape[2]), rng.integers(kernel.shape[3])) for _ in range(count)]
+  return np.stack([kernel[:, :, i, o] for i, o in idx])
+
+
+def figures(log=print) -> None:
+  """Figs. 3-7 from finished runs (each drawn once its runs exist)."""
+  from enquant import data as data_lib, paper, plots  # pylint: disable=g-import-not-at-top
+  runs_dir = os.path.join(FLAGS.runs_root, FLAGS.scale)
+  out_dir = os.path.join(FLAGS.results_root, FLAGS.scale)
+
+  def run_dir(table, **match):
+    row = next(r for r in paper.table(table).rows
+               if r.oracle is None and all(getattr(r, k) == v for k, v in match.items()))
+    d = os.path.join(runs_dir, paper.run_name(paper.build_config(row, FLAGS.scale)))
+    return d if _state(d) == "done" else None, row
+
+  specs = [
+      ("fig3_float_vs_binary_kernels.png", "Fig. 3: the same 3x3 kernels, binary (BR) and float (PGD-AT)",
+       [("I", dict(ensembles=1, quant="br")), ("I", dict(ensembles=1, quant="float"))], False),
+      ("fig4_ternary_channels_at.png", "Fig. 4: ternary channels under PGD-AT (zeros marked)",
+       [("VII", dict(depth=20, noise=0.0, bits=2, loss="at"))], True),
+      ("fig5_ternary_channels_natural.png", "Fig. 5: ternary channels under natural training",
+       [("VII", dict(depth=56, noise=0.1, bits=2, loss="natural"))], True),
+      ("fig6_ternary_channels_at_vs_tradeoff.png", "Fig. 6: ternary channels, PGD-AT vs loss (6)",
+       [("VII", dict(depth=20, noise=0.1, bits=2, loss="at")),
+        ("VII", dict(depth=20, noise=0.1, bits=2, loss="tradeoff"))], True),
+  ]
+  for name, title, sources, channels in specs:
+    found = [run_dir(t, **m) for t, m in sources]
+    if all(d is not None for d, _ in found):
+      panels = {f"{r.net} {r.quant_label} {r.loss_label}": _kernel_panels(d, channels=channels)
+                for d, r in found}
+      plots.kernels(os.path.join(out_dir, name), panels, title=title + f" ({FLAGS.scale} scale)")
+      log(f"figure -> {out_dir}/{name}")
+  for dataset in ("fmnist", "svhn"):  # Fig. 7: a mini-batch of each dataset we can read
+    try:
+      ds = data_lib.load(dataset, FLAGS.data_dir, max_train=32, max_test=1)
+    except (ValueError, FileNotFoundError):
+      continue
+    plots.minibatch(os.path.join(out_dir, f"fig7_{dataset}_minibatch.png"), ds.train_images[:32],
+                    ds.train_labels[:32], title=f"Fig. 7: a mini-batch of {dataset}")
+
+
 def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
@@ -153,6 +207,7 @@ def main(argv):
     if not FLAGS.tables_only:
       train_missing()
     rebuild_tables()
+    figures()
   except (ValueError, FileNotFoundError, pipeline.RunExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -111,6 +111,8 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
   assert rows[0]["columns"]["A2"]["ours"] == pytest.approx(97.5)
   assert rows[0]["columns"]["channel_sparsity"]["ours"] == pytest.approx(12.5)
   assert (out / "cpu" / "runs" / (rows[0]["run"] + ".json")).exists()
+  if os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "fashion-mnist")):
+    assert (out / "cpu" / "fig7_fmnist_minibatch.png").stat().st_size > 1000
 
 
 def test_results_md_counts_channels_as_the_paper():
