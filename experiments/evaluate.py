@@ -3,10 +3,20 @@
     python -m experiments.evaluate --run=runs/demo
     python -m experiments.evaluate --run=runs/demo --attacks=a2,apgd-ce,apgd-dlr --eot_samples=10
     python -m experiments.evaluate --run=runs/target --oracle=runs/oracle     # transfer (Table III)
+    python -m experiments.evaluate --run=runs/demo --attacks=autoattack --tag=aa   # AutoAttack standard
+    python -m experiments.evaluate --run=runs/demo --attacks=a2,autoattack-rand --sanity
 
 Writes ``evaluation[-<tag>].json`` and ``.md`` into the run directory (never overwriting an existing file
 unless --overwrite). With --oracle, adversarial examples are crafted on the oracle run's model (its P(w) for
 quantized runs) and the target's accuracy on them is reported.
+
+``autoattack`` / ``autoattack-rand`` in --attacks run :func:`enquant.autoattack.evaluate` (standard:
+APGD-CE, APGD-T, FAB-T, Square; rand: APGD-CE and APGD-DLR with EOT 20) on the same images; the JSON
+gets ``autoattack_acc`` (AutoAttack's count: an image is lost if any noise draw misclassifies it),
+``autoattack_rescored_acc`` (one fresh draw on the final points), both robust counts, the accuracy after
+each attack, and the RobustBench-style row becomes the per-image worst case over every attack run at the
+main eps, AutoAttack included. --sanity adds the sanity checks of :mod:`enquant.sanity` (``"sanity"`` in
+the JSON, a table in the ``.md``).
 """
 
 import dataclasses
@@ -20,7 +30,8 @@ import experiments  # noqa: F401  (XLA flags before JAX)
 
 flags.DEFINE_string("run", None, "Run directory to evaluate.", required=True)
 flags.DEFINE_string("oracle", None, "Run directory of the oracle model (black-box transfer).")
-flags.DEFINE_string("attacks", None, "Attacks (default: the run's own evaluation attacks).")
+flags.DEFINE_string("attacks", None, "Attacks (default: the run's own evaluation attacks); also "
+                    "autoattack (standard version) and autoattack-rand (EOT 20, randomized models).")
 flags.DEFINE_float("eps", None, "l_inf radius (default: the run's).")
 flags.DEFINE_integer("eot_samples", None, "EOT samples for randomized models (default: the run's).")
 flags.DEFINE_integer("max_examples", None, "First N test images (0: all; default: the run's).")
@@ -29,7 +40,88 @@ flags.DEFINE_string("data_dir", None, "Override the run's data directory.")
 flags.DEFINE_string("tag", None, "Suffix of the output files.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing evaluation file.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_bool("sanity", False, "Also run the sanity checks of the evaluation (enquant.sanity).")
 FLAGS = flags.FLAGS
+
+AUTOATTACK = {"autoattack": "standard", "autoattack-rand": "rand"}
+
+
+def split_attacks(names: str) -> tuple[list[str], list[str]]:
+  """``(other attack names, AutoAttack versions)`` of a comma-separated --attacks value."""
+  regular, versions = [], []
+  for raw in names.split(","):
+    name = raw.strip().lower()
+    if name in AUTOATTACK:
+      if AUTOATTACK[name] in versions:
+        raise ValueError(f"attack {raw.strip()!r} is listed twice")
+      versions.append(AUTOATTACK[name])
+    elif name:
+      regular.append(raw.strip())
+  return regular, versions
+
+
+def autoattack_evaluation(cfg, model, variables, images, labels, versions, *, progress) -> dict:
+  """The run's attacks (:func:`enquant.pipeline.eval_specs`, same keys as the pipeline) and each
+  AutoAttack version on the same images, with per-example masks for the per-image worst case."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from enquant import autoattack  # pylint: disable=g-import-not-at-top
+  from enquant import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from enquant import pipeline  # pylint: disable=g-import-not-at-top
+
+  specs = pipeline.eval_specs(cfg)
+  key = jax.random.PRNGKey(cfg.eval.seed)
+  target_fn = jax.tree_util.Partial(model.apply_eval, variables)
+  acc, masks = evaluate_lib.evaluate(target_fn, images, labels, specs, batch_size=cfg.eval.batch_size,
+                                     key=key, progress=progress, max_unroll=cfg.eval.max_unroll,
+                                     return_masks=True)
+  out = {"accuracy": acc, "attacks": [s.to_dict() for s in specs], "eval_seed": cfg.eval.seed,
+         "examples": int(acc["n"])}
+  at_eps = [s.name for s in specs if s.kind != "none" and s.eps == cfg.eval.eps]
+  robust, rescored = [], []
+  for version in versions:
+    name = "autoattack" if version == "standard" else "autoattack-rand"
+    aa_acc, aa_masks = autoattack.evaluate(
+        target_fn, images, labels, eps=cfg.eval.eps,
+        key=jax.random.fold_in(key, 0x4141 if version == "standard" else 0x4142),
+        version=version, batch_size=cfg.eval.batch_size, progress=progress)
+    out[name] = {"accuracy": aa_acc, **autoattack.describe(version),
+                 "robust_count": int(aa_masks["robust"].sum()),
+                 "robust_count_rescored": int(aa_masks["robust_rescored"].sum()),
+                 "randomized_model": cfg.model.noise_coef > 0}
+    if version == "standard" and cfg.model.noise_coef > 0:
+      out[name]["note"] = ("the standard version is meant for deterministic models; for a randomized "
+                           "one prefer autoattack-rand (EOT)")
+    acc[name] = aa_acc["autoattack"]
+    masks[name] = aa_masks["robust"]
+    at_eps.append(name)
+    robust.append(aa_masks["robust"])
+    rescored.append(aa_masks["robust_rescored"])
+  # Both counts over every AutoAttack version run (an image is robust only if it survives all).
+  out["autoattack_acc"] = float(np.logical_and.reduce(robust).mean())
+  out["autoattack_rescored_acc"] = float(np.logical_and.reduce(rescored).mean())
+  out["autoattack_robust_count"] = int(np.logical_and.reduce(robust).sum())
+  out["autoattack_rescored_robust_count"] = int(np.logical_and.reduce(rescored).sum())
+  worst = evaluate_lib.worst_case(masks, at_eps)
+  out["accuracy_worst_case"] = float(worst.mean())
+  out["robustbench"] = dict(
+      evaluate_lib.robustbench_entry(dict(acc, worst_case=float(worst.mean())), "worst_case",
+                                     eps=cfg.eval.eps),
+      attacks=at_eps, aggregation="per-image worst case", autoattack_acc=out["autoattack_acc"])
+  return out
+
+
+def sanity_report(cfg, model, variables, images, labels, *, progress) -> dict:
+  """:func:`enquant.sanity.sanity_checks` at the run's eps (EOT samples: the run's, at least 2)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from enquant import sanity  # pylint: disable=g-import-not-at-top
+
+  config = sanity.SanityConfig(eot_samples=max(2, cfg.eval.eot_samples))
+  return sanity.sanity_checks(jax.tree_util.Partial(model.apply_eval, variables), images, labels,
+                              eps=cfg.eval.eps, key=jax.random.PRNGKey(cfg.eval.seed + 1),
+                              batch_size=cfg.eval.batch_size, config=config, progress=progress)
 
 
 def evaluate_run() -> dict:
@@ -43,7 +135,11 @@ def evaluate_run() -> dict:
                                      max_examples=FLAGS.max_examples, seed=FLAGS.seed).items()
                if v is not None}
   cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **overrides))
+  regular, versions = split_attacks(cfg.eval.attacks)
+  cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, attacks=",".join(regular)))
   evaluate_lib.parse_attacks(cfg.eval.attacks, eps=cfg.eval.eps)
+  if versions and FLAGS.oracle:
+    raise ValueError("AutoAttack is a white-box evaluation: drop --oracle or the autoattack entries")
   oracle = None
   if FLAGS.oracle:
     ocfg, omodel, ovars, _ = pipeline.load_run(FLAGS.oracle, data_dir=FLAGS.data_dir)
@@ -57,8 +153,15 @@ def evaluate_run() -> dict:
   ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source,
                      max_test=cfg.max_test or None, max_train=1)
   n = min(len(ds.test_images), cfg.eval.max_examples or len(ds.test_images))
-  result = pipeline.robust_evaluation(cfg, model, variables, ds.test_images[:n], ds.test_labels[:n],
-                                      progress=FLAGS.progress, oracle=oracle)
+  images, labels = ds.test_images[:n], ds.test_labels[:n]
+  if versions:
+    result = autoattack_evaluation(cfg, model, variables, images, labels, versions,
+                                   progress=FLAGS.progress)
+  else:
+    result = pipeline.robust_evaluation(cfg, model, variables, images, labels,
+                                        progress=FLAGS.progress, oracle=oracle)
+  if FLAGS.sanity:
+    result["sanity"] = sanity_report(cfg, model, variables, images, labels, progress=FLAGS.progress)
   result.update(run=os.path.abspath(FLAGS.run), eps=cfg.eval.eps,
                 oracle=os.path.abspath(FLAGS.oracle) if FLAGS.oracle else None,
                 software=pipeline.software_versions())
@@ -66,6 +169,9 @@ def evaluate_run() -> dict:
   acc = result["accuracy"]
   table = ("| " + " | ".join(k for k in acc if k != "n") + " |\n|" + "---|" * (len(acc) - 1) + "\n| "
            + " | ".join(f"{100 * v:.2f}%" for k, v in acc.items() if k != "n") + " |\n")
+  if "sanity" in result:
+    from enquant import sanity  # pylint: disable=g-import-not-at-top
+    table += "\n" + sanity.format_report(result["sanity"])
   files.write_text_atomic(out[:-5] + ".md", table)
   print(table)
   print(f"written to {out}")
