@@ -70,7 +70,8 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]])
                 "on the whole test set).")
   else:
     kinds = sorted({paper_lib.cpu_kind(r) for r in tbl.rows})
-    protocol = " ".join(paper_lib.CPU_NOTES[k] for k in kinds)
+    labels = {"claim": "CIFAR/SVHN rows", "direct": "MNIST/Fashion-MNIST rows"}
+    protocol = " ".join(f"*{labels[k]}:* {paper_lib.CPU_NOTES[k]}" for k in kinds)
   lines = [f"# Table {tbl.name}: {tbl.title}", "",
            f"**Claim:** {tbl.claim}.", "", f"**Protocol:** {protocol}", "",
            "Numbers in %, except M. *paper* = the paper's value, *ours* = this run, *diff* = ours - paper. "
