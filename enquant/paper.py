@@ -400,10 +400,6 @@ def runs_of(tbl: Table, scale: str) -> list[tuple[Row, ExperimentConfig]]:
   return out
 
 
-def paper_numbers(row: Row) -> dict[str, float]:
-  return dict(row.paper)
-
-
 def measured(results: dict[str, Any], column: str, transfer: dict[str, Any] | None = None) -> float | None:
   """The number of ``column`` (percent, or M) from a run's ``results.json`` (or its transfer evaluation)."""
   if column == "M":

@@ -233,3 +233,14 @@ def test_bad_data_raise_clear_errors():
     ev.evaluate(pixel_model, images, LABELS, SPECS[:1], batch_size=4, key=None)
   with pytest.raises(ValueError, match="duplicate attack names"):
     ev.evaluate(pixel_model, images, LABELS, SPECS[:1] * 2, batch_size=4, key=jax.random.key(0))
+
+
+def test_worst_case_counts_an_image_robust_only_if_every_attack_failed():
+  masks = {"natural": np.array([1, 1, 1, 0], bool), "A1": np.array([1, 0, 1, 1], bool),
+           "A2": np.array([1, 1, 0, 1], bool), "n": 4}
+  np.testing.assert_array_equal(ev.worst_case(masks), [True, False, False, True])
+  np.testing.assert_array_equal(ev.worst_case(masks, ["A2"]), masks["A2"])
+  # Per image, the worst case is below the strongest single attack (0.5 < min(0.75, 0.75)).
+  assert ev.worst_case(masks).mean() < min(masks["A1"].mean(), masks["A2"].mean())
+  with pytest.raises(ValueError, match="at least one attack"):
+    ev.worst_case(masks, [])
