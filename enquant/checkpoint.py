@@ -16,6 +16,12 @@ after reading, every array's checksum. A checkpoint that fails (flipped bytes, t
 files, no record) raises :class:`CorruptCheckpointError` with one line saying why; :meth:`Checkpointer.
 restore_latest` then falls back to the newest checkpoint that passes. Only finite states are committed, and
 retention (``keep``) never deletes the checkpoint just committed.
+
+Multi-host (:mod:`enquant.distributed`): every process calls :meth:`Checkpointer.save` (orbax writes the
+arrays collectively), process 0 alone creates the staging folder, writes the record, renames and applies
+retention, and every process waits at a barrier until the commit is done; every process verifies and
+restores by itself (the folder must be on a filesystem all processes see). On a single process the
+barriers are no-ops.
 """
 
 import hashlib
@@ -29,6 +35,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from enquant import distributed
 from enquant import files
 
 FORMAT = "enquant-checkpoint"
@@ -200,23 +207,33 @@ class Checkpointer:
     bad = first_nonfinite(leaves)
     if bad is not None:
       raise NonFiniteStateError(f"refusing to checkpoint epoch {epoch}: {bad} holds NaN or infinity")
-    os.makedirs(self.directory, exist_ok=True)
-    staging = os.path.join(self.directory, f"{_STAGING_PREFIX}{epoch}-{secrets.token_hex(4)}")
-    os.makedirs(staging)
+    main = distributed.is_main_process()
+    if jax.process_count() == 1:
+      token = secrets.token_hex(4)
+    else:  # every process must name the same staging folder
+      token = distributed.shared_token(4)
+    staging = os.path.join(self.directory, f"{_STAGING_PREFIX}{epoch}-{token}")
+    if main:
+      os.makedirs(self.directory, exist_ok=True)
+      os.makedirs(staging)
+    distributed.barrier(f"enquant-checkpoint-staging-{epoch}")
     try:
       self._handler().save(os.path.join(staging, _STATE), args=ocp.args.StandardSave(state))
-      record = {"format": FORMAT, "version": VERSION, "epoch": epoch,
-                "meta": dict(meta, epoch=epoch), "arrays": _array_entries(leaves),
-                "files": _file_entries(staging)}
-      files.write_json_atomic(os.path.join(staging, RECORD), _seal(record))
-      if os.path.exists(self.path(epoch)):
-        self.set_aside([epoch])
-      os.rename(staging, self.path(epoch))
-      _fsync_dir(self.directory)  # the commit survives a power cut
+      if main:
+        record = {"format": FORMAT, "version": VERSION, "epoch": epoch,
+                  "meta": dict(meta, epoch=epoch), "arrays": _array_entries(leaves),
+                  "files": _file_entries(staging)}
+        files.write_json_atomic(os.path.join(staging, RECORD), _seal(record))
+        if os.path.exists(self.path(epoch)):
+          self._move_aside([epoch])
+        os.rename(staging, self.path(epoch))
+        _fsync_dir(self.directory)  # the commit survives a power cut
     finally:
-      if os.path.exists(staging):
+      if main and os.path.exists(staging):
         shutil.rmtree(staging, ignore_errors=True)
-    self._retain(epoch)
+    if main:
+      self._retain(epoch)
+    distributed.barrier(f"enquant-checkpoint-commit-{epoch}")
 
   def _retain(self, newest: int) -> None:
     """Deletes folders older than ``newest`` except the newest ``keep`` committed ones, and staging
@@ -230,7 +247,16 @@ class Checkpointer:
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def set_aside(self, epochs) -> list[str]:
-    """Moves the folders of ``epochs`` to ``<directory>/rejected/`` (kept for inspection, never used)."""
+    """Moves the folders of ``epochs`` to ``<directory>/rejected/`` (kept for inspection, never used).
+
+    Multi-host: every process calls it; process 0 moves the folders (and returns where to), the others
+    return ``[]``; all return once the move is done.
+    """
+    moved = self._move_aside(epochs) if distributed.is_main_process() else []
+    distributed.barrier("enquant-checkpoint-set-aside")
+    return moved
+
+  def _move_aside(self, epochs) -> list[str]:
     moved = []
     for e in epochs:
       src = self.path(e)

@@ -20,9 +20,13 @@ uint8 images in NHWC layout and int32 labels from one of three sources:
   :data:`_PICKLE_ALLOWED_GLOBALS`) and refuses every other global, so a malicious file raises instead of
   running anything.
 
-* ``"tfds"``: TensorFlow Datasets (``tensorflow_datasets.load``, imported lazily), which downloads and
-  prepares the data on first use (this needs TensorFlow and a network connection; TFDS keeps its copy in
-  its own data directory, ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``).
+* ``"tfds"``: TensorFlow Datasets (imported lazily), in TFDS's data directory: ``data_dir`` when given,
+  else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets`` (:func:`tfds_data_dir`). With TensorFlow
+  installed (``pip install 'enquant[tfds]'``), ``tfds.load`` downloads and prepares the dataset on first
+  use (this needs a network connection). Without TensorFlow, a dataset already prepared in TFDS's
+  ``array_record`` format (e.g. ``tfds build mnist --file_format=array_record`` on another machine, then
+  copied) is read with ``tfds.data_source`` (numpy and PIL only); anything else fails at once with one
+  line saying what to install or which flag to use.
 * ``"embedded"``: a real 5000/1000-image MNIST sample shipped inside the package
   (``enquant/assets/mnist_sample.npz``, made by ``scripts/make_mnist_sample.py``), so demos and tests
   run anywhere offline.
@@ -71,6 +75,9 @@ import numpy as np
 
 SOURCES = ("auto", "local", "tfds", "embedded")
 ENV_DATA_DIR = "ENQUANT_DATA_DIR"
+ENV_TFDS_DATA_DIR = "TFDS_DATA_DIR"
+_TFDS_DEFAULT_DIR = pathlib.Path("~/tensorflow_datasets")
+_TFDS_INSTALL = "pip install 'enquant[tfds]' (TensorFlow)"
 # The shared data folder beside a source checkout: <repo>/../shared/data.
 _SIBLING_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 _HOME_DATA_DIR = pathlib.Path("~/.enquant/data")
@@ -202,10 +209,27 @@ def _missing_error(info: DatasetInfo, roots: list[pathlib.Path], expected: list[
   if incomplete:
     lines.append("  Incomplete copies:")
     lines += [f"    {i}" for i in incomplete]
-  lines.append(f"  Pass data_dir=..., set ${ENV_DATA_DIR}, or use source='tfds'"
-               + (" or source='embedded' (the bundled 5000/1000 MNIST sample)."
-                  if info.name == "mnist" else "."))
+  lines.append(f"  Pass --data_dir=DIR (Python: data_dir=DIR) or set ${ENV_DATA_DIR}, or use "
+               "--data_source=tfds" + (" or --data_source=embedded (the bundled 5000/1000 MNIST sample)."
+                                        if info.name == "mnist" else "."))
   return _LocalFilesMissing("\n".join(lines))
+
+
+def has_local_copy(name: str, data_dir: str | os.PathLike | None = None) -> bool:
+  """Whether :func:`load` finds a complete set of official files for ``name`` (nothing is parsed).
+
+  Args:
+    name: one of :data:`DATASETS`.
+    data_dir: as in :func:`load` (``None``: :func:`default_data_dir`).
+  """
+  info = DATASETS[name]
+  root = pathlib.Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+  roots = _roots(info, root)
+  if name in ("mnist", "fmnist"):
+    return _find_idx(info, roots)[0] is not None
+  if name in _CIFAR_LAYOUTS:
+    return _find_cifar(_CIFAR_LAYOUTS[name], roots)[0] is not None
+  return any(all((r / n).is_file() for n in _SVHN_FILES) for r in roots)
 
 
 def _check_labels(labels: np.ndarray, low: int, high: int, what: str) -> None:
@@ -566,28 +590,97 @@ def _tensorflow_available() -> bool:
   return importlib.util.find_spec("tensorflow") is not None
 
 
-def _load_tfds(info: DatasetInfo, max_train: int | None, max_test: int | None):
-  """Loads through TensorFlow Datasets; any failure becomes a RuntimeError with the reason."""
+def tfds_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """TFDS's data directory: ``data_dir`` if given, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
+  if data_dir is not None:
+    return pathlib.Path(data_dir).expanduser()
+  env = os.environ.get(ENV_TFDS_DATA_DIR)
+  return pathlib.Path(env).expanduser() if env else _TFDS_DEFAULT_DIR.expanduser()
+
+
+def _tfds_split(split: str, limit: int | None) -> str:
+  return f"{split}[:{limit}]" if limit else split
+
+
+def _load_tfds(info: DatasetInfo, max_train: int | None, max_test: int | None,
+               data_dir: pathlib.Path | None = None):
+  """Loads through TensorFlow Datasets; any failure becomes a RuntimeError with the reason in one line.
+
+  With TensorFlow: ``tfds.load`` (downloads and prepares on first use). Without: the copy prepared in
+  ``array_record`` format in :func:`tfds_data_dir`, read with ``tfds.data_source``.
+  """
   if not _tensorflow_available():
-    # TFDS's stock builders need TensorFlow to prepare the data and to return batch_size=-1 tensors;
-    # failing here avoids minutes of download retries that could only end in the same error.
-    raise RuntimeError(f"TFDS cannot load {info.tfds_name!r}: TensorFlow is not installed "
-                       "(pip install tensorflow-cpu)")
+    return _load_tfds_prepared(info, max_train, max_test, tfds_data_dir(data_dir))
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    splits = [f"train[:{max_train}]" if max_train else "train",
-              f"test[:{max_test}]" if max_test else "test"]
-    loaded = tfds.load(info.tfds_name, split=splits, batch_size=-1, as_supervised=True)
+    splits = [_tfds_split("train", max_train), _tfds_split("test", max_test)]
+    kwargs = {"data_dir": str(data_dir)} if data_dir is not None else {}
+    loaded = tfds.load(info.tfds_name, split=splits, batch_size=-1, as_supervised=True, **kwargs)
     (train_x, train_y), (test_x, test_y) = tfds.as_numpy(loaded)
   except Exception as e:  # pylint: disable=broad-except  # TFDS/network raise many types
-    raise RuntimeError(f"TFDS could not load {info.tfds_name!r} ({type(e).__name__}: {e})") from e
+    raise RuntimeError(f"TFDS could not load {info.tfds_name!r} ({type(e).__name__}: "
+                       f"{_first_line(e)}); use --data_dir=DIR with the official files instead") from e
   return (np.asarray(train_x), np.asarray(train_y), np.asarray(test_x), np.asarray(test_y), "tfds")
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _needs_tensorflow(info: DatasetInfo, why: str) -> RuntimeError:
+  alternatives = "--data_source=local --data_dir=DIR (the official files)"
+  if info.name == "mnist":
+    alternatives += " or --data_source=embedded"
+  return RuntimeError(f"TFDS cannot load {info.tfds_name!r}: {why}, and TensorFlow is not installed: "
+                      f"{_TFDS_INSTALL}, or use {alternatives}")
+
+
+def _load_tfds_prepared(info: DatasetInfo, max_train: int | None, max_test: int | None,
+                        where: pathlib.Path):
+  """Reads a TFDS dataset already prepared in ``array_record`` format, without TensorFlow."""
+  folder = where / info.tfds_name
+  if not any(folder.glob("**/dataset_info.json")):
+    # Checked before importing TFDS: it would try to download, which ends in the same error.
+    raise _needs_tensorflow(info, f"it is not prepared in {where} (--data_dir or ${ENV_TFDS_DATA_DIR}), "
+                                  "downloading and preparing it needs TensorFlow")
+  import logging  # pylint: disable=g-import-not-at-top
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # TFDS warns once that it decodes PNGs with PIL, not OpenCV
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    builder = tfds.builder(info.tfds_name, data_dir=str(where))
+    if not builder.is_prepared():
+      raise _needs_tensorflow(info, f"{folder} holds no prepared version {builder.version}, "
+                                    "preparing it needs TensorFlow")
+    file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+    if file_format != "array_record":
+      raise _needs_tensorflow(info, f"its copy in {folder} is in {file_format} format, which only "
+                                    "TensorFlow reads (array_record is read without it)")
+    arrays = []
+    for split, limit in (("train", max_train), ("test", max_test)):
+      source = builder.as_data_source(split=_tfds_split(split, limit))
+      examples = source.__getitems__(list(range(len(source))))
+      keys = builder.info.supervised_keys or ("image", "label")
+      arrays.append(np.stack([np.asarray(e[keys[0]]) for e in examples]) if examples
+                    else np.zeros((0,) + info.image_shape, np.uint8))
+      arrays.append(np.asarray([e[keys[1]] for e in examples], np.int64))
+  except RuntimeError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # TFDS/array_record/PIL raise many types
+    raise RuntimeError(f"TFDS could not read {info.tfds_name!r} from {where} ({type(e).__name__}: "
+                       f"{_first_line(e)})") from None
+  finally:
+    absl_logger.setLevel(level)
+  return (*arrays, "tfds")
 
 
 def _load_embedded(info: DatasetInfo):
   if info.name != "mnist":
-    raise ValueError(f"source='embedded' exists only for 'mnist', not {info.name!r}")
+    raise ValueError(f"--data_source=embedded (the bundled sample) exists only for 'mnist', not "
+                     f"{info.name!r}; use --data_dir=DIR or --data_source=tfds")
   resource = importlib.resources.files(_EMBEDDED_PACKAGE) / _EMBEDDED_FILE
   if not resource.is_file():
     raise FileNotFoundError(f"the embedded MNIST sample {_EMBEDDED_FILE} is missing from the installed "
@@ -610,7 +703,8 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, source: str = 
   Args:
     name: one of :data:`DATASETS` (``mnist``, ``fmnist``, ``cifar10``, ``cifar100``, ``svhn``).
     data_dir: folder with the official files (see the module docstring for the layouts searched);
-      ``None`` means :func:`default_data_dir`.
+      ``None`` means :func:`default_data_dir`. For ``source="tfds"`` (and the TFDS fallback of
+      ``"auto"``): TFDS's data directory (``None``: :func:`tfds_data_dir`).
     source: ``"local"``, ``"tfds"``, ``"embedded"`` (MNIST sample shipped in the package) or
       ``"auto"`` (local files when present, else TFDS).
     max_train: keep only the first ``max_train`` training examples (all when ``None`` or larger).
@@ -633,12 +727,13 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, source: str = 
   _check_max(max_train, "max_train")
   _check_max(max_test, "max_test")
   info = DATASETS[name]
-  data_dir = pathlib.Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+  given_dir = pathlib.Path(data_dir).expanduser() if data_dir is not None else None
+  data_dir = given_dir if given_dir is not None else default_data_dir()
 
   if source == "embedded":
     arrays = _load_embedded(info)
   elif source == "tfds":
-    arrays = _load_tfds(info, max_train, max_test)
+    arrays = _load_tfds(info, max_train, max_test, given_dir)
   elif source == "local":
     arrays = _LOCAL_LOADERS[name](info, data_dir)
   else:  # auto
@@ -646,7 +741,7 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, source: str = 
       arrays = _LOCAL_LOADERS[name](info, data_dir)
     except _LocalFilesMissing as local_error:
       try:
-        arrays = _load_tfds(info, max_train, max_test)
+        arrays = _load_tfds(info, max_train, max_test, given_dir)
       except RuntimeError as tfds_error:
         raise FileNotFoundError(f"{local_error}\n  TFDS fallback failed too: {tfds_error}") from None
 

@@ -18,6 +18,7 @@ import numpy as np
 from enquant import checkpoint as ckpt_lib
 from enquant import config as config_lib
 from enquant import data as data_lib
+from enquant import distributed
 from enquant import evaluate as evaluate_lib
 from enquant import export as export_lib
 from enquant import files
@@ -26,6 +27,7 @@ from enquant import plots
 from enquant import prune as prune_lib
 from enquant import quant
 from enquant import sparsity
+from enquant import tensorboard as tensorboard_lib
 from enquant import train as train_lib
 from enquant.config import ExperimentConfig
 from enquant.models.ensemble import count_params, EnResNet
@@ -141,21 +143,28 @@ def _resume(ckpt: ckpt_lib.Checkpointer, state, fingerprint: str, log) -> tuple[
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = True,
                        overwrite: bool = False, stop_after_epochs: int | None = None,
-                       devices=None, log=print) -> dict[str, Any] | None:
+                       devices=None, log=print, tensorboard: bool = True) -> dict[str, Any] | None:
   """Trains (resuming if possible), evaluates, and writes the run directory.
 
   The directory is validated first, but changed (``overwrite`` clears it, ``config.json`` is written) only
-  once the configuration is validated and the data are loaded. Each epoch writes its metrics row and then
-  commits its checkpoint (:mod:`enquant.checkpoint`: verified on resume, the newest good one is used).
+  once the configuration is validated and the data are loaded. Each epoch writes its metrics row (and its
+  TensorBoard summaries, :mod:`enquant.tensorboard`) and then commits its checkpoint
+  (:mod:`enquant.checkpoint`: verified on resume, the newest good one is used).
+
+  In a multi-process job (:mod:`enquant.distributed`) every process calls this with the same arguments:
+  the mesh spans the devices of all processes, each process feeds its own rows of every batch, and
+  process 0 alone logs and writes files (the others evaluate too, as the sharded test pass needs them,
+  but into a scratch folder).
 
   Args:
     cfg: the experiment.
     workdir: run directory.
-    progress: tqdm bars.
+    progress: tqdm bars (process 0 only).
     overwrite: allow replacing a finished run / one of another configuration.
     stop_after_epochs: stop (as if interrupted) once this many epochs are done; no results are written.
-    devices: devices for data parallelism (default all local devices).
-    log: where one-line progress messages go.
+    devices: devices for data parallelism (default all devices of all processes).
+    log: where one-line progress messages go (process 0 only).
+    tensorboard: write TensorBoard summaries to ``<workdir>/tensorboard/`` (needs tensorboardX).
 
   Returns:
     The results dictionary (also in ``results.json``), or None when stopped early.
@@ -168,6 +177,9 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
     ValueError, FileNotFoundError: bad configuration or data.
   """
   t_start = time.time()
+  main = distributed.is_main_process()
+  if not main:  # process 0 speaks and writes for the whole job
+    log, progress = (lambda *_: None), False
   check_workdir(cfg, workdir, overwrite=overwrite)
   eval_specs(cfg)  # bad attack names fail now, not after training
   objective = losses.make_objective(cfg.loss)
@@ -188,63 +200,109 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
   tx, schedule = train_lib.make_optimizer(tcfg, cfg.quant, steps_per_epoch)
   sample = data_lib.to_float(ds.train_images[:1])
   state = train_lib.create_train_state(model, tx, jax.random.PRNGKey(tcfg.seed), sample)
-  prepare_workdir(cfg, workdir, overwrite=overwrite)  # the run starts: only now the directory changes
+  if main:
+    prepare_workdir(cfg, workdir, overwrite=overwrite)  # the run starts: only now the directory changes
+  distributed.barrier("enquant-workdir-ready")
   n_params = count_params(state.params)
+  processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
   log(f"{cfg.model.name} on {ds.name} ({ds.source}): {n_params:,} parameters "
       f"({n_params / 1e6:.2f}M), {len(ds.train_images)} train / {len(ds.test_images)} test images, "
-      f"{steps_per_epoch} steps/epoch on {mesh.devices.size} device(s)")
+      f"{steps_per_epoch} steps/epoch on {mesh.devices.size} device(s){processes}")
 
   fingerprint = ckpt_lib.fingerprint(cfg.fingerprint_dict())
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-    start_epoch, state = _resume(ckpt, state, fingerprint, log)
-    if start_epoch:
-      log(f"resumed from {workdir}/checkpoints/{start_epoch} (epoch {start_epoch}/{tcfg.epochs})")
-    # Rows past the checkpoint (an epoch logged, not checkpointed) are dropped: the resumed run redoes them.
-    rows = [r for r in files.read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
-    files.write_text_atomic(metrics_path, "".join(files.json_line(r) for r in rows))
-    state = jax.device_put(state, repl)
+  tb_dir = os.path.join(workdir, tensorboard_lib.DIRNAME)
+  if jax.process_count() > 1:  # orbax restores multi-host into the target's (global) shardings
+    state = train_lib.put_replicated(state, repl)
 
-    train_step = train_lib.make_train_step(model, tx, objective, augment=augment, flip=flip, mesh=mesh)
-    eval_step = train_lib.make_eval_step(model, mesh)
-    eval_key = jax.random.PRNGKey(cfg.eval.seed)
+  def relax_lambda(st) -> float | None:  # Binary-Relax's lambda, for the summaries
+    if not (cfg.quant.enabled and cfg.quant.mode == "br"):
+      return None
+    found = [s for s in jax.tree_util.tree_leaves(
+        st.opt_state, is_leaf=lambda x: isinstance(x, quant.BinaryRelaxState))
+             if isinstance(s, quant.BinaryRelaxState)]
+    return float(jax.device_get(found[0].lam)) if found else None
 
-    def on_epoch_end(epoch, st, train_metrics):
-      variables = {"params": train_lib.eval_params(st, cfg.quant), "batch_stats": st.batch_stats}
-      acc = train_lib.natural_accuracy(eval_step, variables, ds.test_images, ds.test_labels,
-                                       batch_size=tcfg.batch_size, key=eval_key, mesh=mesh)
-      row = {"epoch": epoch + 1, "step": int(st.step), "lr": float(schedule(int(st.step) - 1)),
-             "test_acc": acc, **train_metrics, **epoch_extras(st, cfg)}
-      bad = files.nonfinite_key(row)
-      if bad is not None:
-        raise train_lib.NonFiniteError(f"non-finite {bad} ({row[bad]}) after epoch {epoch + 1}: "
-                                       "training stopped")
-      files.append_jsonl(metrics_path, row)  # the row first: no checkpoint is ever without its row
-      ckpt.save(epoch + 1, st, {"fingerprint": fingerprint})
-      log(f"epoch {epoch + 1}/{tcfg.epochs}: " + ", ".join(
-          f"{k}={v:.4g}" for k, v in row.items() if k in ("train_loss", "test_acc", "m_bound",
-                                                          "weight_sparsity", "epoch_seconds")))
+  writer = None
 
-    stop = tcfg.epochs if stop_after_epochs is None else min(tcfg.epochs, stop_after_epochs)
-    try:
-      state = train_lib.run_epochs(train_step, state, ds.train_images, ds.train_labels, cfg=tcfg,
-                                   mesh=mesh, start_epoch=start_epoch, stop_epoch=stop,
-                                   on_epoch_end=on_epoch_end, progress=progress)
-    except train_lib.NonFiniteError as e:
-      last = ckpt.latest_epoch()
-      kept = f"the last good checkpoint (epoch {last}) is kept" if last else "no checkpoint was written"
-      raise train_lib.NonFiniteError(f"{e}; no results written, {kept}; lower --lr or check the data") \
-          from None
-  if stop < tcfg.epochs:
-    return None
+  def summaries():  # the TensorBoard writer, opened at the first epoch written (process 0)
+    nonlocal writer
+    if writer is None and main and tensorboard:
+      writer = tensorboard_lib.open_writer(tb_dir, purge_step=start_epoch + 1, log=log) or False
+    return writer or None
 
-  results = final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step, progress=progress,
-                          log=log, workdir=workdir)
-  results.update(config=cfg.to_dict(), model_name=cfg.model.name, num_params=n_params,
-                 dataset_source=ds.source, software=software_versions(),
-                 wall_seconds=time.time() - t_start, workdir=os.path.abspath(workdir))
-  files.write_text_atomic(os.path.join(workdir, "results.md"), markdown_row(results))
-  files.write_json_atomic(os.path.join(workdir, "results.json"), results)
+  try:
+    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+      start_epoch, state = _resume(ckpt, state, fingerprint, log)
+      if start_epoch:
+        log(f"resumed from {workdir}/checkpoints/{start_epoch} (epoch {start_epoch}/{tcfg.epochs})")
+      if main:
+        # Rows past the checkpoint (an epoch logged, not checkpointed) are dropped: the resumed run redoes
+        # them, and TensorBoard hides their events (purge_step).
+        rows = [r for r in files.read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
+        files.write_text_atomic(metrics_path, "".join(files.json_line(r) for r in rows))
+        if overwrite and os.path.isdir(tb_dir):
+          import shutil  # pylint: disable=g-import-not-at-top
+          shutil.rmtree(tb_dir)  # the summaries of the run --overwrite replaces
+      state = jax.device_put(state, repl)
+
+      train_step = train_lib.make_train_step(model, tx, objective, augment=augment, flip=flip, mesh=mesh)
+      eval_step = train_lib.make_eval_step(model, mesh)
+      eval_key = jax.random.PRNGKey(cfg.eval.seed)
+
+      def on_epoch_end(epoch, st, train_metrics):
+        variables = {"params": train_lib.eval_params(st, cfg.quant), "batch_stats": st.batch_stats}
+        acc = train_lib.natural_accuracy(eval_step, variables, ds.test_images, ds.test_labels,
+                                         batch_size=tcfg.batch_size, key=eval_key, mesh=mesh)
+        row = {"epoch": epoch + 1, "step": int(st.step), "lr": float(schedule(int(st.step) - 1)),
+               "test_acc": acc, **train_metrics, **epoch_extras(st, cfg)}
+        bad = files.nonfinite_key(row)
+        if bad is not None:
+          raise train_lib.NonFiniteError(f"non-finite {bad} ({row[bad]}) after epoch {epoch + 1}: "
+                                         "training stopped")
+        if main:
+          files.append_jsonl(metrics_path, row)  # the row first: no checkpoint is ever without its row
+          if (tb := summaries()) is not None:
+            tb.epoch(row, br_lambda=relax_lambda(st))
+        ckpt.save(epoch + 1, st, {"fingerprint": fingerprint})  # every process: orbax saves collectively
+        log(f"epoch {epoch + 1}/{tcfg.epochs}: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in row.items() if k in ("train_loss", "test_acc", "m_bound",
+                                                            "weight_sparsity", "epoch_seconds")))
+
+      stop = tcfg.epochs if stop_after_epochs is None else min(tcfg.epochs, stop_after_epochs)
+      try:
+        state = train_lib.run_epochs(train_step, state, ds.train_images, ds.train_labels, cfg=tcfg,
+                                     mesh=mesh, start_epoch=start_epoch, stop_epoch=stop,
+                                     on_epoch_end=on_epoch_end, progress=progress)
+      except train_lib.NonFiniteError as e:
+        last = ckpt.latest_epoch()
+        kept = f"the last good checkpoint (epoch {last}) is kept" if last else "no checkpoint was written"
+        raise train_lib.NonFiniteError(f"{e}; no results written, {kept}; lower --lr or check the data") \
+            from None
+    if stop < tcfg.epochs:
+      return None
+
+    if main:
+      results = final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step, progress=progress,
+                              log=log, workdir=workdir)
+      results.update(config=cfg.to_dict(), model_name=cfg.model.name, num_params=n_params,
+                     dataset_source=ds.source, software=software_versions(),
+                     wall_seconds=time.time() - t_start, workdir=os.path.abspath(workdir))
+      if (tb := summaries()) is not None:
+        tb.final(tcfg.epochs, results)
+      files.write_text_atomic(os.path.join(workdir, "results.md"), markdown_row(results))
+      files.write_json_atomic(os.path.join(workdir, "results.json"), results)
+    else:
+      # The test-set pass is sharded over every process: join it (and compute what process 0 computes),
+      # writing into a scratch folder that is thrown away.
+      import tempfile  # pylint: disable=g-import-not-at-top
+      with tempfile.TemporaryDirectory(prefix="enquant-process-") as scratch:
+        results = final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step, progress=False,
+                                log=log, workdir=scratch)
+  finally:
+    if writer:
+      writer.close()
+  distributed.barrier("enquant-results-written")
   return results
 
 

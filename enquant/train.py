@@ -1,10 +1,13 @@
 """Train state, the jitted data-parallel train step and the epoch loop.
 
-Data parallelism uses ``jax.jit`` with a one-axis :class:`jax.sharding.Mesh` over all local devices: the
-batch is sharded along ``"data"``, the state is replicated, and XLA inserts the gradient all-reduce. Unlike
-``pmap`` this keeps *global* semantics: BatchNorm statistics and EnResNet's noise std are computed over the
-whole batch exactly as on one device (so the 2-device step equals the 1-device step), the same code runs on 1
-or N devices (CPU, GPU, TPU) without ``pmean`` plumbing, and the state needs no per-device copies.
+Data parallelism uses ``jax.jit`` with a one-axis :class:`jax.sharding.Mesh` over all devices (of every
+process in a multi-host job, :mod:`enquant.distributed`): the batch is sharded along ``"data"``, the state is
+replicated, and XLA inserts the gradient all-reduce. Unlike ``pmap`` this keeps *global* semantics:
+BatchNorm statistics and EnResNet's noise std are computed over the whole batch exactly as on one device (so
+the 2-device step equals the 1-device step, and 2 processes equal 1 process with 2 devices), the same code
+runs on 1 or N devices (CPU, GPU, TPU) without ``pmean`` plumbing, and the state needs no per-device copies.
+Every process computes the same batch indices; each one gathers only the rows its own devices hold
+(:func:`process_rows`, :func:`put_batch`).
 """
 
 from collections.abc import Callable
@@ -93,9 +96,18 @@ def create_train_state(model: EnResNet, tx: optax.GradientTransformation, key: j
 
 
 def data_mesh(devices=None) -> Mesh:
-  """A one-axis ("data") mesh over ``devices`` (default: all local devices)."""
-  devices = list(devices) if devices is not None else jax.local_devices()
-  return Mesh(np.array(devices), ("data",))
+  """A one-axis ("data") mesh over ``devices``.
+
+  Args:
+    devices: the devices to shard batches over; default every device of every process
+      (``jax.devices()``; on one process these are the local devices). In a multi-process job the default
+      is ordered by (process, id), so each process's devices hold consecutive rows of a batch.
+  """
+  if devices is None:
+    devices = jax.devices()
+    if jax.process_count() > 1:
+      devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  return Mesh(np.array(list(devices)), ("data",))
 
 
 def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
@@ -104,9 +116,53 @@ def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
+  """Raises ValueError unless ``batch_size`` splits evenly over the mesh's devices (of all processes)."""
   n = mesh.devices.size
   if batch_size % n:
     raise ValueError(f"batch_size {batch_size} must be divisible by the number of devices ({n})")
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> slice:
+  """The rows of a global batch of ``batch_size`` that this process's devices hold.
+
+  ``slice(0, batch_size)`` on a single process; in a multi-process job, process p's consecutive share.
+
+  Raises:
+    ValueError: this process's devices do not hold consecutive rows (a mesh not built by
+      :func:`data_mesh`).
+  """
+  _, batch = shardings(mesh)
+  spans = sorted(index[0].indices(batch_size)[:2]
+                 for index in batch.addressable_devices_indices_map((batch_size,)).values())
+  lo, hi = spans[0][0], spans[-1][1]
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ValueError("this process's devices do not hold consecutive rows of the batch; build the mesh "
+                     "with enquant.train.data_mesh()")
+  return slice(lo, hi)
+
+
+def put_batch(local: np.ndarray, sharding: NamedSharding, batch_size: int) -> jax.Array:
+  """This process's rows of a global batch (:func:`process_rows`) as the global batch-sharded array.
+
+  On a single process this is ``jax.device_put(local, sharding)``; in a multi-process job
+  ``jax.make_array_from_process_local_data``: no process ever holds another process's rows.
+  """
+  if sharding.is_fully_addressable:
+    return jax.device_put(local, sharding)
+  return jax.make_array_from_process_local_data(sharding, local, (batch_size,) + local.shape[1:])
+
+
+def put_replicated(tree, sharding: NamedSharding):
+  """``tree`` (the same values on every process) replicated on the devices of ``sharding``.
+
+  On a single process this is ``jax.device_put``. In a multi-process job each process places its own
+  copy (``jax.make_array_from_process_local_data``): ``jax.device_put`` would first check, leaf by leaf,
+  that all processes hold equal values, one cross-process all-gather (and one compilation) per shape.
+  """
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)),
+                      jax.device_get(tree))
 
 
 def make_train_step(model: EnResNet, tx: optax.GradientTransformation, objective, *,
@@ -176,14 +232,16 @@ def make_eval_step(model: EnResNet, mesh: Mesh):
 def natural_accuracy(eval_step, variables, images: np.ndarray, labels: np.ndarray, *,
                      batch_size: int, key: jax.Array, mesh: Mesh) -> float:
   """Accuracy over all of ``images`` (last batch padded and masked: one compilation)."""
-  _, batch = shardings(mesh)
+  repl, batch = shardings(mesh)
+  rows = process_rows(mesh, batch_size)
+  key = key if repl.is_fully_addressable else put_replicated(key, repl)
   correct = 0
   n = len(images)
   for i, start in enumerate(range(0, n, batch_size)):
     idx = np.arange(start, start + batch_size)
     mask = idx < n
     idx = np.minimum(idx, n - 1)
-    put = lambda a: jax.device_put(a, batch)
+    put = lambda a: put_batch(a[rows], batch, batch_size)
     correct += int(eval_step(variables, put(images[idx]), put(labels[idx]),
                              put(mask.astype(np.int32)), jax.random.fold_in(key, i)))
   return correct / n
@@ -230,6 +288,7 @@ def run_epochs(train_step, state: TrainState, images: np.ndarray, labels: np.nda
   the state, so a run resumed from the checkpoint of epoch k continues exactly as if never stopped.
   ``on_epoch_end(epoch, state, train_metrics)`` runs after each epoch (evaluation, logging, checkpoint).
 
+  Every process computes the same batch indices and gathers only its own rows (:func:`process_rows`).
   Every step's metrics (which come back to the host anyway) are checked, with the step's finiteness flags
   (:func:`finite_flags`): the first NaN or infinity stops training.
 
@@ -240,6 +299,7 @@ def run_epochs(train_step, state: TrainState, images: np.ndarray, labels: np.nda
   """
   check_batch(cfg.batch_size, mesh)
   _, batch = shardings(mesh)
+  rows = process_rows(mesh, cfg.batch_size)  # all rows on one process; this process's share on many
   for epoch in range(start_epoch, stop_epoch):
     order = data_lib.epoch_batches(len(images), cfg.batch_size, seed=cfg.seed, epoch=epoch)
     sums: dict[str, float] = {}
@@ -247,8 +307,9 @@ def run_epochs(train_step, state: TrainState, images: np.ndarray, labels: np.nda
     bar = tqdm.tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                     leave=False, dynamic_ncols=True)
     for i, idx in enumerate(bar):
-      state, metrics = train_step(state, jax.device_put(images[idx], batch),
-                                  jax.device_put(labels[idx], batch))
+      mine = idx[rows]
+      state, metrics = train_step(state, put_batch(images[mine], batch, cfg.batch_size),
+                                  put_batch(labels[mine], batch, cfg.batch_size))
       metrics = jax.device_get(metrics)
       bad = nonfinite_quantity(metrics)
       if bad is not None:

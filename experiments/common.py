@@ -4,11 +4,16 @@ Example::
 
     python -m experiments.cifar10 --ensembles=5 --quant=br --bits=1 --loss=tradeoff --alpha=1 --beta=8
     python -m experiments.mnist --quick --workdir=/tmp/mnist_quick
+
+``--help`` lists these flags grouped by topic (:data:`HELP_GROUPS`, :func:`parse_flags`); absl's
+``--helpfull`` lists every flag of every module.
 """
 
 import os
 import sys
+import textwrap
 
+from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
@@ -21,7 +26,8 @@ flags.DEFINE_integer("width", 16, "Base width; the stages use width, 2*width, 4*
 flags.DEFINE_float("noise_coef", 0.1, "EnResNet noise coefficient (0: a plain deterministic ResNet).")
 # Optimisation.
 flags.DEFINE_integer("epochs", 200, "Training epochs.")
-flags.DEFINE_integer("batch_size", 128, "Global batch size (split over all local devices).")
+flags.DEFINE_integer("batch_size", 128, "Global batch size (split over all devices, of every process "
+                     "with --distributed).")
 flags.DEFINE_float("lr", 0.1, "Peak learning rate.")
 flags.DEFINE_enum("lr_schedule", "multistep", ["multistep", "cosine", "constant"], "LR schedule.")
 flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
@@ -31,8 +37,12 @@ flags.DEFINE_enum("flip", "auto", ["auto", "on", "off"], "Horizontal flips with 
                   "but SVHN).")
 # Data.
 flags.DEFINE_string("data_dir", None, "Folder with the official dataset files (default: "
-                    "$ENQUANT_DATA_DIR, ../shared/data beside the repo, or ~/.enquant/data).")
-flags.DEFINE_enum("data_source", "auto", ["auto", "local", "tfds", "embedded"], "Where data comes from.")
+                    "$ENQUANT_DATA_DIR, ../shared/data beside the repo, or ~/.enquant/data); with "
+                    "--data_source=tfds, TFDS's data directory (default: $TFDS_DATA_DIR or "
+                    "~/tensorflow_datasets).")
+flags.DEFINE_enum("data_source", "auto", ["auto", "local", "tfds", "embedded"], "Where data comes from "
+                  "(auto: local files, else TFDS; embedded: the 5000/1000 MNIST sample in the package; "
+                  "mnist --quick uses it when there are no local files).")
 flags.DEFINE_integer("max_train", 0, "Use only the first N training images (0: all).")
 flags.DEFINE_integer("max_test", 0, "Use only the first N test images (0: all).")
 # Quantization.
@@ -73,6 +83,74 @@ flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>-<mo
 flags.DEFINE_bool("quick", False, "Shrink everything for a CPU smoke run.")
 flags.DEFINE_bool("overwrite", False, "Replace a finished run in --workdir.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_bool("tensorboard", True, "Write TensorBoard summaries next to metrics.jsonl "
+                  "(<workdir>/tensorboard/; tensorboard --logdir=runs).")
+# Multi-host (enquant.distributed).
+flags.DEFINE_bool("distributed", False, "Join a multi-process JAX job (jax.distributed.initialize): one "
+                  "process per host/GPU, the batch split over the devices of all of them. On a TPU pod "
+                  "slice or under SLURM the three flags below come from the environment.")
+flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index, 0..num_processes-1.")
+
+# What --help shows, by topic (every flag above belongs to exactly one group; tested).
+HELP_GROUPS = (
+    ("Model", ("ensembles", "depth", "stages", "width", "noise_coef")),
+    ("Optimisation", ("epochs", "batch_size", "lr", "lr_schedule", "weight_decay", "seed", "augment",
+                      "flip")),
+    ("Data", ("data_dir", "data_source", "max_train", "max_test")),
+    ("Quantization (Binary-Relax / Binary-Connect)", (
+        "quant", "bits", "ternary_method", "mbit_method", "br_lambda0", "br_growth", "br_growth_every",
+        "br_relax_fraction")),
+    ("Training loss and its attack", ("loss", "alpha", "beta", "train_eps", "train_step_size",
+                                      "train_steps", "train_attack_bn")),
+    ("Evaluation", ("attacks", "eot_samples", "eval_eps", "eval_extra_eps", "eval_max", "eval_seed",
+                    "max_unroll")),
+    ("Run directory and output", ("workdir", "quick", "overwrite", "progress", "tensorboard")),
+    ("Multi-host (JAX distributed runtime)", ("distributed", "coordinator_address", "num_processes",
+                                              "process_id")),
+)
+_HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+
+
+def _describe_flag(name: str) -> list[str]:
+  flag = FLAGS[name]
+  default = (flag.default_as_str or "").strip("'")
+  head = f"  --{name}={default}" if default else f"  --{name}  (no default)"
+  return [head] + textwrap.wrap(flag.help, width=96, initial_indent="      ", subsequent_indent="      ")
+
+
+def help_text(program: str, doc: str | None = None) -> str:
+  """The ``--help`` text: the entry point's docstring, then its flags grouped by topic."""
+  lines = [(doc or "").strip(), "", f"usage: python -m {program} [--flag=value ...]",
+           "Defaults: the paper's protocol for the dataset (enquant.paper.protocol) unless the entry point",
+           "says otherwise. --helpfull lists every flag of every module.", ""]
+  for title, names in HELP_GROUPS:
+    lines.append(f"{title}:")
+    for name in names:
+      lines += _describe_flag(name)
+    lines.append("")
+  return "\n".join(lines).lstrip("\n")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parser, with ``--help`` (``-h``, ``--helpshort``) printing :func:`help_text`.
+
+  Pass it to ``app.run(main, flags_parser=common.parse_flags)``.
+  """
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if arg in _HELP_ARGS:
+      main_module = sys.modules.get("__main__")
+      spec = getattr(main_module, "__spec__", None)
+      program = spec.name if spec is not None else os.path.basename(argv[0])
+      try:
+        print(help_text(program, getattr(main_module, "__doc__", None)), flush=True)
+      except BrokenPipeError:  # --help | head
+        pass
+      sys.exit(0)
+  return app.parse_flags_with_usage(argv)
 
 
 def _tristate(value: str) -> bool | None:
@@ -135,6 +213,10 @@ def config_from_flags(dataset: str):
     raise ValueError("--eval_max, --max_train and --max_test must be >= 0")
   if not 0 < FLAGS.eval_eps <= 1:
     raise ValueError(f"--eval_eps must be in (0, 1], got {FLAGS.eval_eps}")
+  if (FLAGS.quick and dataset == "mnist" and FLAGS.data_source == "auto" and FLAGS.data_dir is None
+      and not data_lib.has_local_copy("mnist")):
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    cfg = dataclasses.replace(cfg, data_source="embedded")  # a fresh machine: the bundled sample
   return cfg
 
 
@@ -148,28 +230,52 @@ def default_workdir(cfg) -> str:
 def run(dataset: str) -> None:
   """Entry point body shared by every dataset: exits non-zero with one clear line on bad input.
 
-  Exit status 2: bad flags, data, run directory (``OSError`` included: read-only, a file, disk full) or
-  an unusable checkpoint; 3: training diverged (NaN/inf; no results written, the last good checkpoint
-  stays).
+  Exit status 2: bad flags, data (TFDS included), run directory (``OSError`` included: read-only, a file,
+  disk full), an unusable checkpoint, or a ``--distributed`` job that could not be joined; 3: training
+  diverged (NaN/inf; no results written, the last good checkpoint stays).
   """
+  from enquant import distributed  # pylint: disable=g-import-not-at-top
   from enquant import pipeline  # pylint: disable=g-import-not-at-top
   from enquant import train as train_lib  # pylint: disable=g-import-not-at-top
   import experiments  # pylint: disable=g-import-not-at-top
 
   experiments.quiet_logs()
   try:
+    start_distributed()
+    main = distributed.is_main_process()
     cfg = config_from_flags(dataset)
+    if main and cfg.data_source == "embedded" and FLAGS.data_source == "auto":
+      print("note: no local MNIST files: --quick trains on the embedded 5000/1000 MNIST sample "
+            "(--data_dir=DIR or --data_source=tfds for the full set)")
     workdir = FLAGS.workdir or default_workdir(cfg)
     results = pipeline.train_and_evaluate(cfg, workdir, progress=FLAGS.progress,
-                                          overwrite=FLAGS.overwrite)
+                                          overwrite=FLAGS.overwrite, tensorboard=FLAGS.tensorboard)
   except train_lib.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
-  except (ValueError, OSError, pipeline.RunExistsError) as e:
+  except (ValueError, OSError, RuntimeError, pipeline.RunExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"results written to {os.path.join(workdir, 'results.json')}")
+  if main:
+    print(f"results written to {os.path.join(workdir, 'results.json')}")
   return results
+
+
+def start_distributed() -> None:
+  """``jax.distributed.initialize`` when ``--distributed`` is given (before any JAX computation).
+
+  Raises:
+    ValueError: a process flag without ``--distributed``.
+    enquant.distributed.DistributedError: the job could not be joined (one line).
+  """
+  given = [f"--{n}" for n in ("coordinator_address", "num_processes", "process_id")
+           if FLAGS[n].value is not None]
+  if not FLAGS.distributed:
+    if given:
+      raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --distributed")
+    return
+  from enquant import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
 def protocol_defaults(dataset: str) -> dict:
@@ -204,4 +310,5 @@ def main_for(dataset: str, defaults: dict | None = None):
   return main
 
 
-__all__ = ["config_from_flags", "main_for", "run"]
+__all__ = ["HELP_GROUPS", "config_from_flags", "help_text", "main_for", "parse_flags", "run",
+           "start_distributed"]

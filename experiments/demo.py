@@ -9,8 +9,11 @@ bit-packed size. Every flag of the other experiments works here too; only the de
 """
 
 from absl import app
+from absl import flags
 
 from experiments import common
+
+flags.adopt_module_key_flags(common)
 
 DEMO_DEFAULTS = dict(
     data_source="embedded", ensembles=2, depth=8, width=8, epochs=3, batch_size=64, lr=0.1,
@@ -21,4 +24,4 @@ DEMO_DEFAULTS = dict(
 )
 
 if __name__ == "__main__":
-  app.run(common.main_for("mnist", DEMO_DEFAULTS))
+  app.run(common.main_for("mnist", DEMO_DEFAULTS), flags_parser=common.parse_flags)
