@@ -145,9 +145,9 @@ def main(argv):
       if FLAGS.suite == "paper":
         line += f"  | epoch {epoch / 60:.1f} min, 200 epochs {200 * epoch / 3600:.1f} h"
       print(line, flush=True)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(results, f, indent=2)
+      if FLAGS.out:  # after every row: a run cut short keeps what it measured
+        with open(FLAGS.out, "w") as f:
+          json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The paper's experiments as data: its protocol, every table as a list of runs, and two scales.
+"""The paper's experiments as data: its protocol, every table as a list of runs, and its scales.
 
 Li, Wang, Xin, "An Integrated Approach to Produce Robust Models with High Efficiency". Each table (I-VIII) is a
 :class:`Table` of :class:`Row` s; a row names a configuration (dataset, net, quantization, loss) and the
@@ -11,6 +11,9 @@ scale:
   (:data:`CPU_NOTES`). CIFAR-10/100 and SVHN cannot be obtained on that machine: their rows run the same
   comparison on Fashion-MNIST (a claim check, not a number match); Table VIII's MNIST/Fashion-MNIST rows
   keep their dataset and network (the only direct comparison with the paper's numbers).
+* ``"gpu<E>"`` (e.g. ``"gpu5"``): the paper's protocol (data, network, PGD-10 training attack, schedule as
+  fractions of training, full test set) cut to E epochs, for an accelerator lent for minutes
+  (:func:`gpu_note`). Binary-Relax's lambda reaches the paper's value at its switch, as at ``cpu`` scale.
 
 Rows that resolve to the same configuration share one run directory (named by :func:`run_name`), so a run
 serves every table that needs it. ``experiments.paper`` trains, evaluates and tabulates.
@@ -27,7 +30,7 @@ from enquant.config import EvalConfig, ExperimentConfig, QuantConfig, TrainConfi
 from enquant.losses import LossConfig
 from enquant.models.ensemble import ModelConfig
 
-SCALES = ("paper", "cpu")
+SCALES = ("paper", "cpu", "gpu<E>")
 PAPER_EPS = 0.031
 # Binary-Relax schedule of the paper's runs (DESIGN.md §3): lambda x1.05 per epoch, relaxed until epoch 80.
 BR_GROWTH, BR_RELAX_EPOCHS, PAPER_EPOCHS = 1.05, 80, 200
@@ -339,13 +342,42 @@ def _br_growth(epochs: float, steps_per_growth_epoch: float) -> float:
   return math.exp(BR_RELAX_EPOCHS * math.log(BR_GROWTH) / growths)
 
 
+def gpu_epochs(scale: str) -> int | None:
+  """E of a ``"gpu<E>"`` scale; ``None`` for the other scales. Raises ValueError for an unknown scale."""
+  if scale in ("paper", "cpu"):
+    return None
+  digits = scale[3:] if scale.startswith("gpu") else ""
+  if not digits.isdigit() or int(digits) < 1:
+    raise ValueError(f"--scale must be paper, cpu or gpu<E> with E >= 1 epochs (e.g. gpu5), got {scale!r}")
+  return int(digits)
+
+
+def gpu_note(epochs: int) -> str:
+  """The protocol line of a ``gpu<E>`` table header."""
+  return (f"gpu{epochs} scale: the paper's protocol (full training set, PGD-10 training attack with step 0.007 "
+          f"and BatchNorm in train mode, SGD lr 0.1 x0.1 at 40/60/80 % of training) cut to {epochs} epochs "
+          "instead of 200, Binary-Relax lambda reaching the paper's value at its switch; A1-A3 (+ A2 with "
+          "EOT-5 for randomized models) at eps 0.031 on the whole test set.")
+
+
+def _gpu_config(cfg: ExperimentConfig, epochs: int) -> ExperimentConfig:
+  growth_every = 0.1
+  return dataclasses.replace(
+      cfg, train=dataclasses.replace(cfg.train, epochs=epochs),
+      quant=dataclasses.replace(cfg.quant, growth_every_epochs=growth_every,
+                                growth=round(_br_growth(epochs, growth_every), 6)),
+      eval=dataclasses.replace(cfg.eval, attacks="a1,a2,a3" + (",a2-eot5" if cfg.model.noise_coef else ""),
+                               eot_samples=0, extra_eps=(), max_examples=0, batch_size=1000))
+
+
 def build_config(row: Row, scale: str) -> ExperimentConfig:
-  """The run of ``row`` at ``scale`` (``"paper"`` or ``"cpu"``; see the module docstring)."""
-  if scale not in SCALES:
-    raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+  """The run of ``row`` at ``scale`` (``"paper"``, ``"cpu"`` or ``"gpu<E>"``; see the module docstring)."""
+  epochs = gpu_epochs(scale)
   cfg = _row_config(row)
   if scale == "paper":
     return cfg
+  if epochs is not None:
+    return _gpu_config(cfg, epochs)
   kind = cpu_kind(row)
   p = CPU_CLAIM if kind == "claim" else CPU_DIRECT
   model = cfg.model
@@ -420,5 +452,5 @@ def measured(results: dict[str, Any], column: str, transfer: dict[str, Any] | No
   return None if value is None else 100 * value
 
 
-__all__ = ["CPU_NOTES", "Row", "SCALES", "TABLES", "Table", "build_config", "cpu_kind", "measured",
-           "protocol", "run_name", "runs_of", "table"]
+__all__ = ["CPU_NOTES", "Row", "SCALES", "TABLES", "Table", "build_config", "cpu_kind", "gpu_epochs",
+           "gpu_note", "measured", "protocol", "run_name", "runs_of", "table"]

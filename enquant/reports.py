@@ -22,7 +22,7 @@ def table_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
 
   Args:
     tbl: the table.
-    scale: "paper" or "cpu".
+    scale: "paper", "cpu" or "gpu<E>".
     results: ``results.json`` contents by run name (finished runs only).
     transfers: transfer evaluations by ``(target run name, oracle run name)``.
   """
@@ -68,6 +68,8 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]])
   if scale == "paper":
     protocol = ("paper scale: the paper's protocol (200 epochs, PGD-10 training attack, A1-A3 at eps 0.031 "
                 "on the whole test set).")
+  elif paper_lib.gpu_epochs(scale) is not None:
+    protocol = paper_lib.gpu_note(paper_lib.gpu_epochs(scale))
   else:
     kinds = sorted({paper_lib.cpu_kind(r) for r in tbl.rows})
     labels = {"claim": "CIFAR/SVHN rows", "direct": "MNIST/Fashion-MNIST rows"}

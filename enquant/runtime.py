@@ -7,7 +7,8 @@ library modules never call it themselves, so importing ``enquant`` has no hidden
 import os
 
 # Measured on this project's 2-core CPU machines (DESIGN.md §6): the YNN fusion pass slows convolution
-# training 1.8-2.2x on XLA:CPU. Disabling it changes speed only, never results.
+# training 1.8-2.2x on XLA:CPU. Disabling it changes speed only, never results. ENQUANT_XLA_CPU_FLAGS=0 leaves
+# it out (e.g. for a jaxlib that no longer knows the flag: XLA aborts on unknown flags).
 CPU_FAST_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 
 
@@ -20,7 +21,7 @@ def configure(*, host_devices: int | None = None, cache_dir: str | None = None) 
       ``ENQUANT_JAX_CACHE`` environment variable names one.
   """
   flags = os.environ.get("XLA_FLAGS", "")
-  if "ynn_fusion_type" not in flags:
+  if "ynn_fusion_type" not in flags and os.environ.get("ENQUANT_XLA_CPU_FLAGS", "1") != "0":
     flags = f"{flags} {CPU_FAST_FLAGS}".strip()
   if host_devices and "xla_force_host_platform_device_count" not in flags:
     flags = f"{flags} --xla_force_host_platform_device_count={host_devices}"

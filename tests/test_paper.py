@@ -10,6 +10,7 @@ import pytest
 
 from enquant import paper
 from enquant import pipeline
+from enquant import reports
 from enquant import sparsity
 from enquant import train as train_lib
 
@@ -56,8 +57,24 @@ def test_cpu_scale_substitutes_fashion_mnist_and_keeps_the_direct_rows():
   assert len(names) == len(configs)
   assert paper.run_name(paper.build_config(_row("II", ensembles=2, quant="br"), "cpu")) == \
       paper.run_name(paper.build_config(_row("I", ensembles=2, quant="br"), "cpu"))
-  with pytest.raises(ValueError, match="scale"):
-    paper.build_config(_row("I", ensembles=1, quant="br"), "gpu")
+  for bad in ("gpu", "gpu0", "tpu5"):
+    with pytest.raises(ValueError, match="scale"):
+      paper.build_config(_row("I", ensembles=1, quant="br"), bad)
+
+
+def test_gpu_scale_is_the_papers_protocol_cut_to_e_epochs():
+  row = _row("VIII", dataset="mnist", quant="br")
+  full, short = paper.build_config(row, "paper"), paper.build_config(row, "gpu5")
+  assert (short.train.epochs, short.max_train, short.dataset, short.model) == (5, 0, "mnist", full.model)
+  assert (short.loss, short.train.lr_schedule, short.train.milestones) == (
+      full.loss, full.train.lr_schedule, full.train.milestones)
+  e = short.eval
+  assert (e.attacks, e.eps, e.extra_eps, e.max_examples, e.eot_samples) == (
+      "a1,a2,a3,a2-eot5", 0.031, (), 0, 0)
+  q = short.quant
+  np.testing.assert_allclose(q.growth ** (q.relax_fraction * 5 / q.growth_every_epochs), 1.05 ** 80, rtol=1e-4)
+  assert paper.run_name(short) != paper.run_name(paper.build_config(row, "gpu6"))
+  assert "cut to 5 epochs" in reports.table_markdown(paper.table("VIII"), "gpu5", [])
 
 
 def test_cli_defaults_train_table_one_en5_br_row():

@@ -127,8 +127,12 @@ def resolve_mask(mask: MaskOrFn | None, params: optax.Params) -> Any:
   return jax.tree.map(_static_bool, tree)
 
 
+# jax.core is being slimmed down across JAX releases; Tracer has stayed public so far.
+_TRACER = getattr(jax.core, "Tracer", None) or __import__("jax._src.core", fromlist=["Tracer"]).Tracer
+
+
 def _static_bool(leaf) -> bool:
-  if isinstance(leaf, jax.core.Tracer):
+  if isinstance(leaf, _TRACER):
     raise ValueError("mask leaves must be static Python bools, got a traced value")
   arr = np.asarray(leaf)
   if arr.shape != () or arr.dtype != np.bool_:
@@ -140,7 +144,7 @@ def _static_bool(leaf) -> bool:
 
 
 def _check_number(name: str, value, ok: Callable[[float], bool], what: str) -> None:
-  if isinstance(value, jax.core.Tracer):  # e.g. under optax.inject_hyperparams: cannot be checked
+  if isinstance(value, _TRACER):  # e.g. under optax.inject_hyperparams: cannot be checked
     return
   is_real = isinstance(value, (int, float, np.integer, np.floating)) or (
       isinstance(value, (np.ndarray, jax.Array)) and value.shape == ()
@@ -150,7 +154,7 @@ def _check_number(name: str, value, ok: Callable[[float], bool], what: str) -> N
 
 
 def _check_int(name: str, value, minimum: int):
-  if isinstance(value, jax.core.Tracer):
+  if isinstance(value, _TRACER):
     return value
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
