@@ -36,7 +36,7 @@ LogitsFn = Callable[[jax.Array, Any], jax.Array]
 
 KINDS = ("none", "fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr")
 
-# The paper's CIFAR-10 setting (DESIGN.md §3): eps 0.031 (~8/255), IFGSM step 0.003, 20 steps.
+# The paper's CIFAR-10 setting (docs/DESIGN.md §3): eps 0.031 (~8/255), IFGSM step 0.003, 20 steps.
 PAPER_EPS = 0.031
 PAPER_STEP = 0.003
 PAPER_PGD_STEPS = 20
@@ -125,7 +125,7 @@ def paper_specs(eps: float = PAPER_EPS, *, eot_samples: int = 1,
   differ only in loss and step count; 50 x 0.003 covers the ball ~5 times), margin loss with
   kappa = 50 (Madry et al.'s CW-l_inf: keeps pushing past the decision boundary, which matters for
   randomized models whose prediction is re-drawn at evaluation). The EnResNet code's own "C&W" was an
-  L2 Adam attack rescaled to eps, not a bounded l_inf attack (DESIGN.md §3); this is the l_inf one.
+  L2 Adam attack rescaled to eps, not a bounded l_inf attack (docs/DESIGN.md §3); this is the l_inf one.
 
   Args:
     eps: l_inf radius (0.031 ~ 8/255 for CIFAR/SVHN in the paper).

@@ -32,14 +32,14 @@ from enquant.models.ensemble import ModelConfig
 
 SCALES = ("paper", "cpu", "gpu<E>")
 PAPER_EPS = 0.031
-# Binary-Relax schedule of the paper's runs (DESIGN.md §3): lambda x1.05 per epoch, relaxed until epoch 80.
+# Binary-Relax schedule of the paper's runs (docs/DESIGN.md §3): lambda x1.05 per epoch, relaxed until epoch 80.
 BR_GROWTH, BR_RELAX_EPOCHS, PAPER_EPOCHS = 1.05, 80, 200
 
 
 def protocol(dataset: str) -> ExperimentConfig:
   """The paper's protocol for ``dataset`` (what ``python -m experiments.<dataset>`` trains by default).
 
-  Shared (EnResNet and BinaryRelax code, DESIGN.md §3): ResNet20 with noise 0.1; 200 epochs, batch 128, SGD
+  Shared (EnResNet and BinaryRelax code, docs/DESIGN.md §3): ResNet20 with noise 0.1; 200 epochs, batch 128, SGD
   (Nesterov 0.9) lr 0.1 x0.1 at epochs 80/120/160, weight decay 5e-4; PGD-10 training attack (eps 0.031,
   step 0.007, random start, BatchNorm in train mode while crafting as the EnResNet code); BinaryRelax's
   ``quantize_tnn`` ternary and ``quantize_fbit`` 4-bit projections; evaluation A1 (FGSM), A2 (IFGSM-20), A3

@@ -6,7 +6,7 @@ library modules never call it themselves, so importing ``enquant`` has no hidden
 
 import os
 
-# Measured on this project's 2-core CPU machines (DESIGN.md §6): the YNN fusion pass slows convolution
+# Measured on this project's 2-core CPU machines (docs/DESIGN.md §6): the YNN fusion pass slows convolution
 # training 1.8-2.2x on XLA:CPU. Disabling it changes speed only, never results. ENQUANT_XLA_CPU_FLAGS=0 leaves
 # it out (e.g. for a jaxlib that no longer knows the flag: XLA aborts on unknown flags).
 CPU_FAST_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
