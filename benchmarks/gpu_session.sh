@@ -4,6 +4,12 @@
 # chosen from the measured speed to fit the time left, then bf16 if time remains. Everything lands in $OUT.
 #
 #   BUDGET=570 bash benchmarks/gpu_session.sh      # needs .devdata/mnist (IDX files) and .whl/*.whl
+#
+# Prepared on the workstation (both folders git-ignored via .git/info/exclude, carried to the machine):
+#   mkdir -p .devdata && cp -r ../shared/data/mnist .devdata/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl tensorboardX==2.6.4
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl/pinned \
+#     flax==0.12.8 optax==0.2.8 chex==0.1.92 orbax-checkpoint==0.12.8     # fallback if the image's fail
 set -u
 T0=$(date +%s)
 BUDGET=${BUDGET:-570}
