@@ -14,7 +14,6 @@ to ``--results_root/<scale>/runs/<run name>.json``, figures beside the tables.
 """
 
 import os
-import shutil
 import sys
 
 from absl import app
@@ -102,6 +101,12 @@ def _transfer(target_dir: str, oracle_dir: str, log=print) -> dict | None:
   return result
 
 
+def _portable(results: dict) -> dict:
+  """A run's results as committed under ``results/``: its machine's absolute paths made relative to the cwd."""
+  return {k: os.path.relpath(v) if k in ("workdir", "dataset_source") and isinstance(v, str)
+          and os.path.isabs(v) else v for k, v in results.items()}
+
+
 def rebuild_tables(log=print) -> None:
   from enquant import files, paper, plots, reports  # pylint: disable=g-import-not-at-top
   runs_dir = os.path.join(FLAGS.runs_root, FLAGS.scale)
@@ -114,7 +119,7 @@ def rebuild_tables(log=print) -> None:
       path = os.path.join(runs_dir, name, "results.json")
       if os.path.exists(path):
         results[name] = files.read_json(path)
-        shutil.copyfile(path, os.path.join(out_dir, "runs", name + ".json"))
+        files.write_json_atomic(os.path.join(out_dir, "runs", name + ".json"), _portable(results[name]))
     for row in tbl.rows:
       if row.oracle is not None:
         target = paper.run_name(paper.build_config(row, FLAGS.scale))

@@ -109,7 +109,8 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
     cfg = paper.build_config(row, "cpu")
     d = runs / "cpu" / paper.run_name(cfg)
     d.mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps(_fake_results(cfg, 0.99 - 0.01 * i, 0.98)))
+    (d / "results.json").write_text(json.dumps(dict(_fake_results(cfg, 0.99 - 0.01 * i, 0.98),
+                                                    workdir=str(d.resolve()))))
   common = [sys.executable, "-m", "experiments.paper", "--table=VIII", "--scale=cpu",
             f"--runs_root={runs}", f"--results_root={out}"]
   listing = subprocess.run(common + ["--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -127,7 +128,9 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
   assert [r["state"] for r in rows].count("done") == 2
   assert rows[0]["columns"]["A2"]["ours"] == pytest.approx(97.5)
   assert rows[0]["columns"]["channel_sparsity"]["ours"] == pytest.approx(12.5)
-  assert (out / "cpu" / "runs" / (rows[0]["run"] + ".json")).exists()
+  copied = json.loads((out / "cpu" / "runs" / (rows[0]["run"] + ".json")).read_text())
+  assert not os.path.isabs(copied["workdir"])  # committed files hold no machine's absolute paths
+  assert os.path.samefile(os.path.join(ROOT, copied["workdir"]), runs / "cpu" / rows[0]["run"])
   if os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "fashion-mnist")):
     assert (out / "cpu" / "fig7_fmnist_minibatch.png").stat().st_size > 1000
 
