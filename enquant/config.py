@@ -159,18 +159,20 @@ class ExperimentConfig:
   eval: EvalConfig = EvalConfig()
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return dict(dataclasses.asdict(self), model=self.model.to_dict())
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
-    parts = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig,
+    parts = {"train": TrainConfig, "loss": LossConfig,
              "quant": QuantConfig, "eval": EvalConfig}
     kwargs = {}
     for k, v in d.items():
-      if k in parts:
+      if k == "model":
+        v = ModelConfig.from_dict(v)
+      elif k in parts:
         v = parts[k](**{kk: tuple(vv) if isinstance(vv, list) else vv for kk, vv in v.items()})
       kwargs[k] = v
     return cls(**kwargs)

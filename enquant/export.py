@@ -27,7 +27,6 @@ statistics and the model configuration is a standalone model: :func:`load_model`
 """
 
 from collections.abc import Mapping
-import dataclasses
 import json
 import math
 import os
@@ -298,7 +297,7 @@ def _raw_entries(flat: Mapping[str, Any]) -> tuple[list[dict], np.ndarray]:
 
 def _model_header(model_config, input_shape) -> dict:
   if isinstance(model_config, ModelConfig):
-    model_config = dataclasses.asdict(model_config)
+    model_config = model_config.to_dict()
   if not isinstance(model_config, Mapping):
     raise ValueError(f"model_config must be a ModelConfig or a dict, got {type(model_config).__name__}")
   header = {"config": dict(model_config)}
@@ -448,9 +447,8 @@ def load(path: str | os.PathLike) -> PackedModel:
 
 
 def _model_config(header: dict, path: str) -> ModelConfig:
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in header["config"].items()}
   try:
-    return ModelConfig(**fields)
+    return ModelConfig.from_dict(header["config"])
   except TypeError as e:  # a field this version of enquant does not know
     raise ValueError(f"{path}: model configuration does not fit this enquant ({e})") from None
 

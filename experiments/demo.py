@@ -20,7 +20,7 @@ DEMO_DEFAULTS = dict(
     lr_schedule="cosine", quant="br", bits=1, br_growth=1.3, br_growth_every=0.2,
     br_relax_fraction=0.67, loss="tradeoff", alpha=1.0, beta=8.0, train_eps=0.1,
     train_step_size=0.04, train_steps=3, eval_eps=0.1, eval_max=200, eot_samples=0,
-    max_unroll=0, workdir="runs/demo", eval_extra_eps=[], train_attack_bn="eval",
+    max_unroll=0, workdir="runs/demo", eval_extra_eps=[], train_attack_bn="eval", noise_rng="hash",
 )
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ flags.DEFINE_float("eps", None, "l_inf radius (default: the run's).")
 flags.DEFINE_integer("eot_samples", None, "EOT samples for randomized models (default: the run's).")
 flags.DEFINE_integer("max_examples", None, "First N test images (0: all; default: the run's).")
 flags.DEFINE_integer("seed", None, "Evaluation key (default: the run's).")
+flags.DEFINE_enum("noise_rng", None, ["hash", "threefry"], "Generator of the model's noise during the "
+                  "evaluation (default: the run's; enquant.models.noise).")
 flags.DEFINE_string("data_dir", None, "Override the run's data directory.")
 flags.DEFINE_string("tag", None, "Suffix of the output files.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing evaluation file.")
@@ -135,6 +137,10 @@ def evaluate_run() -> dict:
                                      max_examples=FLAGS.max_examples, seed=FLAGS.seed).items()
                if v is not None}
   cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **overrides))
+  if FLAGS.noise_rng is not None and FLAGS.noise_rng != cfg.model.noise_rng:
+    from enquant.models import EnResNet  # pylint: disable=g-import-not-at-top
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, noise_rng=FLAGS.noise_rng))
+    model = EnResNet(cfg.model)
   regular, versions = split_attacks(cfg.eval.attacks)
   cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, attacks=",".join(regular)))
   evaluate_lib.parse_attacks(cfg.eval.attacks, eps=cfg.eval.eps)
@@ -162,7 +168,7 @@ def evaluate_run() -> dict:
                                         progress=FLAGS.progress, oracle=oracle)
   if FLAGS.sanity:
     result["sanity"] = sanity_report(cfg, model, variables, images, labels, progress=FLAGS.progress)
-  result.update(run=os.path.abspath(FLAGS.run), eps=cfg.eval.eps,
+  result.update(run=os.path.abspath(FLAGS.run), eps=cfg.eval.eps, noise_rng=cfg.model.noise_rng,
                 oracle=os.path.abspath(FLAGS.oracle) if FLAGS.oracle else None,
                 software=pipeline.software_versions())
   files.write_json_atomic(out, result)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from enquant.models import conv as conv_lib
+from enquant.models import noise as noise_lib
 
 # He-normal over fan-out, as the EnResNet/PyTorch code initialises convolutions.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -35,9 +36,10 @@ def stages_for_depth(depth: int) -> tuple[int, int, int]:
   return (n, n, n)
 
 
-def add_noise(x: jax.Array, coef: float, key: jax.Array) -> jax.Array:
-  """EnResNet noise: ``x + coef * std(x) * N(0, I)``, std one scalar over the whole tensor."""
-  return x + coef * jnp.std(x) * jax.random.normal(key, x.shape, x.dtype)
+def add_noise(x: jax.Array, coef: float, key: jax.Array, rng: str = "threefry") -> jax.Array:
+  """EnResNet noise: ``x + coef * std(x) * N(0, I)``, std one scalar over the whole tensor; the normals
+  come from generator ``rng`` (:data:`enquant.models.noise.NOISE_RNGS`)."""
+  return x + coef * jnp.std(x) * noise_lib.normal(key, x.shape, x.dtype, rng)
 
 
 class PreActBlock(nn.Module):
@@ -49,6 +51,7 @@ class PreActBlock(nn.Module):
     mid_features: channels between the two convolutions (``None``: ``features``; smaller after channel
       pruning).
     noise_coef: EnResNet noise coefficient (0 disables it).
+    noise_rng: generator of the noise's normals (:mod:`enquant.models.noise`).
   """
 
   features: int
@@ -56,6 +59,7 @@ class PreActBlock(nn.Module):
   mid_features: int | None = None
   noise_coef: float = 0.0
   conv_module: type[nn.Module] = conv_lib.Conv
+  noise_rng: str = "threefry"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -74,7 +78,7 @@ class PreActBlock(nn.Module):
     out = conv(self.features, (3, 3), padding=pad, name="conv2")(out)
     out = out + shortcut
     if self.noise_coef:
-      out = add_noise(out, self.noise_coef, self.make_rng("noise"))
+      out = add_noise(out, self.noise_coef, self.make_rng("noise"), self.noise_rng)
     return out
 
 
@@ -90,6 +94,7 @@ class ResNet(nn.Module):
     conv_module: the convolution (:class:`enquant.models.conv.Conv`: fast input gradients inside rolled
       loops; ``functools.partial(Conv, compute_dtype=jnp.bfloat16)`` for bf16 compute, or ``nn.Conv``
       with ``use_bias=False`` for JAX's stock gradient). Same parameters and values either way.
+    noise_rng: generator of the noise's normals, ``"threefry"`` or ``"hash"`` (:mod:`enquant.models.noise`).
   """
 
   num_classes: int = 10
@@ -98,6 +103,7 @@ class ResNet(nn.Module):
   noise_coef: float = 0.0
   mid_widths: Sequence[int] | None = None
   conv_module: type[nn.Module] = conv_lib.Conv
+  noise_rng: str = "threefry"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -108,7 +114,7 @@ class ResNet(nn.Module):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         mid = self.mid_widths[index] if self.mid_widths is not None else None
-        x = PreActBlock(width, strides, mid, self.noise_coef, self.conv_module,
+        x = PreActBlock(width, strides, mid, self.noise_coef, self.conv_module, self.noise_rng,
                         name=f"stage{stage + 1}_block{block + 1}")(x, train)
         index += 1
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn_final")(x)
