@@ -63,6 +63,14 @@ def table_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
   return out
 
 
+def _noise_note(tbl: paper_lib.Table) -> str:
+  """Which generator drew EnResNet's N(0, 1) noise in the table's rows (enquant.models.noise)."""
+  legacy = [f"{r.dataset} {r.quant_label}" for r in tbl.rows
+            if (r.noise_rng or paper_lib.PAPER_NOISE_RNG) != paper_lib.PAPER_NOISE_RNG]
+  note = f"Noise normals from the {paper_lib.PAPER_NOISE_RNG} generator"
+  return note + (f" ({', '.join(legacy)}: threefry, as trained before the hash existed)." if legacy else ".")
+
+
 def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]]) -> str:
   """The Markdown of a rebuilt table (header with the protocol and the claim, then the rows)."""
   if scale == "paper":
@@ -78,7 +86,8 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]])
            f"**Claim:** {tbl.claim}.", "", f"**Protocol:** {protocol}", "",
            "Numbers in %, except M. *paper* = the paper's value, *ours* = this run, *diff* = ours - paper. "
            "A2 = IFGSM-20 (step 0.003), A3 = CW-l_inf (50 steps, margin loss; the paper's C&W was an L2 "
-           "attack), worst = per-image worst case over every attack run at eps 0.031.", ""]
+           "attack), worst = per-image worst case over every attack run at eps 0.031. " + _noise_note(tbl),
+           ""]
   header = ["net", "dataset", "quant", "loss"]
   if tbl.transfer:
     header.append("oracle")

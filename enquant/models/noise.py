@@ -17,8 +17,7 @@ twin), and behave under ``vmap`` and ``jit`` like any JAX sampler. It is not a c
 and makes no claim beyond the statistics that matter for injected noise.
 
 ``"threefry"`` is ``jax.random.normal``: runs started before the choice existed used it (their
-``config.json`` has no ``noise_rng`` and reloads as threefry), and the paper tables keep it so every row of
-a table draws its noise the same way.
+``config.json`` has no ``noise_rng`` and reloads as threefry), Table VIII's two MNIST rows among them.
 
 References:
   Wellons. Prospecting for Hash Functions (lowbias32), 2018. https://nullprogram.com/blog/2018/07/31/
