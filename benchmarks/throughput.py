@@ -36,6 +36,7 @@ flags.DEFINE_enum("suite", None, ["paper"], "paper: En1/En2/En5 ResNet20 on 32x3
                   "AT, with epoch and 200-epoch projections (overrides --models/--shape/--cases).")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Convolution compute dtype.")
 flags.DEFINE_enum("conv_grad", "layout", ["layout", "lax"], "enquant's conv gradient or JAX's stock one.")
+flags.DEFINE_enum("noise_rng", "hash", ["hash", "threefry"], "Generator of the noise's normals.")
 flags.DEFINE_string("out", None, "Write the results as JSON here.")
 FLAGS = flags.FLAGS
 
@@ -82,7 +83,7 @@ def main(argv):
   results, baseline = [], None
   for n in models:
     mcfg = ModelConfig(depth=FLAGS.depth, ensembles=int(n), noise_coef=0.1,
-                       compute_dtype=FLAGS.compute_dtype)
+                       compute_dtype=FLAGS.compute_dtype, noise_rng=FLAGS.noise_rng)
     model = EnResNet(mcfg, conv_grad=FLAGS.conv_grad)
     forward_flops = prune.flops(mcfg, shape)
     for case in cases:
@@ -128,7 +129,7 @@ def main(argv):
       gflops = ips * forward_flops * _flop_factor(case) / 1e9
       row = dict(model=mcfg.name, case=case, images_per_second=ips, gflops_per_second=gflops,
                  compile_seconds=compile_s, batch=FLAGS.batch, shape=shape, device=device,
-                 compute_dtype=FLAGS.compute_dtype, conv_grad=FLAGS.conv_grad,
+                 compute_dtype=FLAGS.compute_dtype, conv_grad=FLAGS.conv_grad, noise_rng=FLAGS.noise_rng,
                  forward_flops_per_image=forward_flops)
       if torch_t:
         row["torch_images_per_second"] = FLAGS.steps * FLAGS.batch / statistics.median(torch_t)

@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from enquant.models import noise as noise_lib
 from enquant.models.ensemble import count_params, EnResNet, ModelConfig
 
 Indices = tuple[int, ...]
@@ -201,20 +202,22 @@ class _Draw(nn.Module):
   """``N(0, I)`` of one block's output shape from ``make_rng("noise")``, as PreActBlock draws it."""
 
   shape: tuple[int, ...]
+  rng: str = "threefry"
 
   @nn.compact
   def __call__(self) -> jax.Array:
-    return jax.random.normal(self.make_rng("noise"), self.shape, jnp.float32)
+    return noise_lib.normal(self.make_rng("noise"), self.shape, jnp.float32, self.rng)
 
 
 class _NoiseDraws(nn.Module):
   """Every block's noise draw, from scopes named like the blocks of :class:`enquant.models.ResNet`."""
 
   shapes: tuple[tuple[str, tuple[int, ...]], ...]
+  rng: str = "threefry"
 
   @nn.compact
   def __call__(self) -> tuple[jax.Array, ...]:
-    return tuple(_Draw(shape, name=name)() for name, shape in self.shapes)
+    return tuple(_Draw(shape, self.rng, name=name)() for name, shape in self.shapes)
 
 
 def noise_draws(model_config: ModelConfig, x_shape: Sequence[int], key: jax.Array) -> tuple[jax.Array, ...]:
@@ -222,9 +225,9 @@ def noise_draws(model_config: ModelConfig, x_shape: Sequence[int], key: jax.Arra
 
   Member ``i`` uses ``jax.random.split(key, n)[i]`` and block ``stage{s}_block{b}`` draws from
   ``make_rng("noise")`` in a scope of that name, mapped over the members exactly as
-  :meth:`enquant.models.EnResNet.apply` maps them (``map_members``: vmap or unrolled): so the draws are
-  bitwise those of the unpruned model for every PRNG implementation (``rbg`` keys give different numbers
-  under ``vmap`` than one key at a time).
+  :meth:`enquant.models.EnResNet.apply` maps them (``map_members``: vmap or unrolled), with the model's
+  generator (``model_config.noise_rng``): so the draws are bitwise those of the unpruned model for every
+  PRNG implementation (``rbg`` keys give different numbers under ``vmap`` than one key at a time).
 
   Args:
     model_config: the model.
@@ -239,7 +242,7 @@ def noise_draws(model_config: ModelConfig, x_shape: Sequence[int], key: jax.Arra
   for name, _, width, strides, _ in _block_layout(model_config):
     h, w = _out_size(h, strides), _out_size(w, strides)
     shapes.append((name, (n, h, w, width)))
-  draws = _NoiseDraws(tuple(shapes))
+  draws = _NoiseDraws(tuple(shapes), model_config.noise_rng)
   keys = jax.random.split(key, model_config.ensembles)
   return EnResNet(model_config).map_members(
       lambda _, k: draws.apply({}, rngs={"noise": k}), None, keys)

@@ -163,13 +163,16 @@ def test_each_member_is_pruned_on_its_own(setup):
   assert shapes == [(3, 3, 4, 2), (3, 3, 3, 4)]
 
 
-def test_pruned_noise_is_the_same_randomized_model(setup):
+@pytest.mark.parametrize("noise_rng", ["hash", "threefry"])
+def test_pruned_noise_is_the_same_randomized_model(setup, noise_rng):
   # rbg keys: under vmap they give other numbers than key by key, so this also checks that the pruned
   # members' draws are made exactly as EnResNet.apply makes them (and they compile 5x faster here than
-  # threefry keys; the draws go through the same code for every PRNG implementation).
+  # threefry keys; the draws go through the same code for every PRNG implementation), with the model's
+  # own noise generator.
   variables, x, _ = setup
-  pruned = prune.prune(NOISY, variables, SHAPE)
-  reference = prune.unpruned_logits_fn(NOISY)
+  noisy = dataclasses.replace(NOISY, noise_rng=noise_rng)
+  pruned = prune.prune(noisy, variables, SHAPE)
+  reference = prune.unpruned_logits_fn(noisy)
   key = jax.random.key(7, impl="rbg")
   expected = np.asarray(reference(variables, x, key))
   np.testing.assert_allclose(np.asarray(pruned.apply(x, key)), expected, rtol=0, atol=1e-5)
