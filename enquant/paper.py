@@ -411,6 +411,16 @@ def build_config(row: Row, scale: str) -> ExperimentConfig:
                              eval=evalc)
 
 
+def kernel_layer(params) -> tuple[str, str]:
+  """The layer the kernel figures show: ``conv1`` of stage 1's second block, or of its last block when
+  the network has fewer (ResNet8 at cpu scale has one block per stage)."""
+  blocks = sorted((k for k in params if k.startswith("stage1_block")),
+                  key=lambda k: int(k[len("stage1_block"):]))
+  if not blocks:
+    raise ValueError(f"no stage-1 block among the parameters {sorted(params)}")
+  return ("stage1_block2" if "stage1_block2" in blocks else blocks[-1]), "conv1"
+
+
 def run_name(cfg: ExperimentConfig) -> str:
   """A readable, unique directory name: ``<dataset>-<net>-<quant>-<loss>-<hash of the config>``."""
   q = cfg.quant
@@ -462,4 +472,4 @@ def measured(results: dict[str, Any], column: str, transfer: dict[str, Any] | No
 
 
 __all__ = ["CPU_NOTES", "Row", "SCALES", "TABLES", "Table", "build_config", "cpu_kind", "gpu_epochs",
-           "gpu_note", "measured", "protocol", "run_name", "runs_of", "table"]
+           "gpu_note", "kernel_layer", "measured", "protocol", "run_name", "runs_of", "table"]

@@ -145,13 +145,14 @@ def rebuild_tables(log=print) -> None:
         plots.m_curves(os.path.join(out_dir, "fig2_m_bound.png"), curves)
 
 
-def _kernel_panels(workdir: str, layer=("stage1_block2", "conv1"), count: int = 4, channels: bool = False):
-  """``count`` kernels (member 0) of ``layer`` of a finished run: 3x3 kernels at fixed random positions,
-  or whole output channels reshaped to (in_channels, 9) (the paper's "reshaped channels")."""
+def _kernel_panels(workdir: str, count: int = 4, channels: bool = False):
+  """``count`` kernels (member 0) of :func:`enquant.paper.kernel_layer` of a finished run: 3x3 kernels at fixed random
+  positions, or whole output channels reshaped to (in_channels, 9) (the paper's "reshaped channels")."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from enquant import pipeline  # pylint: disable=g-import-not-at-top
+  from enquant import paper, pipeline  # pylint: disable=g-import-not-at-top
   _, _, variables, _ = pipeline.load_run(workdir, data_dir=FLAGS.data_dir, log=lambda *_: None)
-  kernel = np.asarray(variables["params"][layer[0]][layer[1]]["kernel"][0])  # (3, 3, I, O)
+  block, conv = paper.kernel_layer(variables["params"])
+  kernel = np.asarray(variables["params"][block][conv]["kernel"][0])  # (3, 3, I, O)
   rng = np.random.default_rng(0)
   if channels:
     outs = rng.choice(kernel.shape[-1], count, replace=False)

@@ -163,3 +163,12 @@ def test_svhn_trains_without_flips_and_digits_without_crops():
   forced = forced.__class__(**{**forced.__dict__, "train": forced.train.__class__(
       **{**forced.train.__dict__, "flip": True})})
   assert config_lib.augmentation(forced, 32) == (True, True)
+
+
+def test_kernel_figures_pick_a_stage_one_block_that_exists():
+  deep = {"stem": {}, "stage1_block1": {}, "stage1_block2": {}, "stage1_block3": {}, "stage2_block1": {}}
+  assert paper.kernel_layer(deep) == ("stage1_block2", "conv1")
+  shallow = {"stem": {}, "stage1_block1": {}, "stage2_block1": {}}  # ResNet8 at cpu scale
+  assert paper.kernel_layer(shallow) == ("stage1_block1", "conv1")
+  with pytest.raises(ValueError, match="no stage-1 block"):
+    paper.kernel_layer({"stem": {}})
