@@ -17,10 +17,20 @@ noise's std stay close to those of real data) and the padding is masked out. Att
 ``logits_fn`` is hashed by identity; pass ``jax.tree_util.Partial(apply_fn, variables)`` to let the
 variables be traced arguments, so evaluating new weights of the same model reuses the compiled
 functions.
+
+Resuming: with ``resume_path``, every finished (batch, attack) unit's per-image results are written
+atomically to that JSON file, under a fingerprint of everything that sets a number (the images and
+labels, the key, batch size, specs, loop settings, and the arrays held by the ``Partial`` logits
+functions). A later call with the same fingerprint skips the finished units; keys are derived per unit,
+so the resumed numbers equal those of an uninterrupted call. A file with another fingerprint is ignored
+and overwritten.
 """
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
 import re
 import zlib
 from typing import Any, Callable, Mapping, Sequence
@@ -30,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm.auto
 
-from enquant import attacks
+from enquant import attacks, files
 
 LogitsFn = Callable[[jax.Array, Any], jax.Array]
 
@@ -295,7 +305,43 @@ def _to_float(batch: np.ndarray) -> np.ndarray:
   return batch.astype(np.float32)
 
 
-def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress, max_unroll, desc):
+def _fingerprint(craft_fn, eval_fn, images, labels, specs, *, batch, key, max_unroll, desc) -> str:
+  """A hash of everything that sets an evaluation's numbers (module docstring, "Resuming")."""
+  h = hashlib.sha256()
+  settings = {"desc": desc, "batch": batch, "max_unroll": max_unroll, "specs": [s.to_dict() for s in specs],
+              "fns": [str(jax.tree_util.tree_structure(f)) for f in (craft_fn, eval_fn)]}
+  h.update(json.dumps(settings, sort_keys=True).encode())
+  for a in (images, labels, jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+            else key, *jax.tree_util.tree_leaves((craft_fn, eval_fn))):
+    a = np.asarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def _load_progress(path: str | None, fingerprint: str, masks: dict[str, np.ndarray]) -> set[str]:
+  """Fills ``masks`` from a matching progress file; returns its finished units (``"batch/name"``)."""
+  if path is None or not os.path.exists(path):
+    return set()
+  try:
+    saved = files.read_json(path)
+    if saved.get("fingerprint") != fingerprint:
+      return set()
+    for name, bits in saved["masks"].items():
+      masks[name][:] = np.frombuffer(bits.encode(), np.uint8) == ord("1")
+    return set(saved["done"])
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return set()  # unreadable or of another shape: start over (it is overwritten)
+
+
+def _save_progress(path: str, fingerprint: str, masks: dict[str, np.ndarray], done: set[str]) -> None:
+  files.write_json_atomic(path, {
+      "fingerprint": fingerprint, "done": sorted(done),
+      "masks": {k: "".join("1" if b else "0" for b in v) for k, v in masks.items()}})
+
+
+def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress, max_unroll, desc,
+         resume_path=None):
   """The evaluation loop; returns ``(accuracies, per-example correctness)``."""
   images, labels = _check_data(images, labels)
   specs = tuple(specs)
@@ -318,6 +364,14 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
   batch = min(batch_size, n)
   n_batches = -(-n // batch)
   masks = {"natural": np.zeros(n, bool), **{name: np.zeros(n, bool) for name in names}}
+  fingerprint = _fingerprint(craft_fn, eval_fn, images, labels, specs, batch=batch, key=key,
+                             max_unroll=max_unroll, desc=desc) if resume_path is not None else ""
+  done_units = _load_progress(resume_path, fingerprint, masks)
+
+  def finished(unit):
+    done_units.add(unit)
+    if resume_path is not None:
+      _save_progress(resume_path, fingerprint, masks, done_units)
   # The bar counts attacked images (one unit per image, attack and restart) and moves after every
   # compiled call, so long attacks show progress within a batch.
   total = n * (1 + sum(spec.restarts for spec in specs))
@@ -330,10 +384,15 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
       x = jnp.asarray(_to_float(images[idx]))
       y = jnp.asarray(labels[idx])
       batch_key = jax.random.fold_in(key, b)
-      ok = _natural_correct(eval_fn, x, y, jax.random.fold_in(batch_key, 0))
-      masks["natural"][start:start + valid] = np.asarray(ok)[:valid]
+      if f"{b}/natural" not in done_units:
+        ok = _natural_correct(eval_fn, x, y, jax.random.fold_in(batch_key, 0))
+        masks["natural"][start:start + valid] = np.asarray(ok)[:valid]
+        finished(f"{b}/natural")
       bar.update(valid)
       for spec in specs:
+        if f"{b}/{spec.name}" in done_units:
+          bar.update(valid * spec.restarts)
+          continue
         spec_key = jax.random.fold_in(batch_key, _stream(spec.name))
         robust = np.ones(valid, bool)
         for r in range(spec.restarts):
@@ -344,6 +403,7 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
           robust &= np.asarray(ok)[:valid]
           bar.update(valid)
         masks[spec.name][start:start + valid] = robust
+        finished(f"{b}/{spec.name}")
       done = start + valid
       bar.set_postfix({k: f"{v[:done].mean():.3f}" for k, v in masks.items()}, refresh=False)
   finally:
@@ -364,7 +424,8 @@ def worst_case(masks: Mapping[str, np.ndarray], names: Sequence[str] | None = No
 
 
 def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *, batch_size: int,
-             key, progress: bool = True, max_unroll: int = MAX_UNROLL, return_masks: bool = False):
+             key, progress: bool = True, max_unroll: int = MAX_UNROLL, return_masks: bool = False,
+             resume_path: str | None = None):
   """Natural accuracy and white-box robust accuracy of ``logits_fn`` for each spec, over a dataset.
 
   Robust accuracy of a spec is the fraction of examples classified correctly on the adversarial image
@@ -384,6 +445,8 @@ def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *
       steps), longer ones rolled; 0 (default) rolls every loop.
     return_masks: also return the per-example correctness (``{"natural": bool[N], <spec.name>:
       bool[N], ...}``), e.g. for the per-image worst case over attacks (:func:`worst_case`).
+    resume_path: a JSON file that records finished (batch, attack) units and resumes from them
+      (module docstring, "Resuming").
 
   Returns:
     ``{"natural": acc, <spec.name>: acc, ..., "n": N}`` (and the masks when ``return_masks``).
@@ -392,13 +455,13 @@ def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *
     ValueError: for malformed data, specs, batch size or a missing key.
   """
   acc, masks = _run(logits_fn, logits_fn, images, labels, specs, batch_size=batch_size, key=key,
-                     progress=progress, max_unroll=max_unroll, desc="evaluate")
+                     progress=progress, max_unroll=max_unroll, desc="evaluate", resume_path=resume_path)
   return (acc, masks) if return_masks else acc
 
 
 def transfer(oracle_logits_fn: LogitsFn, target_logits_fn: LogitsFn, images, labels,
              specs: Sequence[AttackSpec], *, batch_size: int, key, progress: bool = True,
-             max_unroll: int = MAX_UNROLL, return_masks: bool = False):
+             max_unroll: int = MAX_UNROLL, return_masks: bool = False, resume_path: str | None = None):
   """Black-box transfer: adversarial examples crafted on the oracle, accuracy of the target.
 
   The paper's Table III. Keys are derived exactly as in :func:`evaluate`, so with
@@ -409,7 +472,8 @@ def transfer(oracle_logits_fn: LogitsFn, target_logits_fn: LogitsFn, images, lab
     examples, ..., "n": N}``.
   """
   acc, masks = _run(oracle_logits_fn, target_logits_fn, images, labels, specs, batch_size=batch_size,
-                     key=key, progress=progress, max_unroll=max_unroll, desc="transfer")
+                     key=key, progress=progress, max_unroll=max_unroll, desc="transfer",
+                     resume_path=resume_path)
   return (acc, masks) if return_masks else acc
 
 

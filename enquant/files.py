@@ -67,6 +67,14 @@ def write_json_atomic(path: str, obj: Any) -> None:
   write_text_atomic(path, _dumps(obj, path, indent=2) + "\n")
 
 
+def remove_if_exists(path: str) -> None:
+  """Deletes ``path`` if it is there (a finished job's progress file)."""
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
+
+
 def read_jsonl(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []

@@ -292,6 +292,7 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
         tb.final(tcfg.epochs, results)
       files.write_text_atomic(os.path.join(workdir, "results.md"), markdown_row(results))
       files.write_json_atomic(os.path.join(workdir, "results.json"), results)
+      files.remove_if_exists(os.path.join(workdir, "evaluation_progress.json"))  # its results are in
     else:
       # The test-set pass is sharded over every process: join it (and compute what process 0 computes),
       # writing into a scratch folder that is thrown away.
@@ -374,21 +375,24 @@ def eval_specs(cfg: ExperimentConfig):
 
 
 def robust_evaluation(cfg: ExperimentConfig, model: EnResNet, variables, images, labels, *,
-                      progress: bool, oracle=None) -> dict[str, Any]:
+                      progress: bool, oracle=None, resume_path: str | None = None) -> dict[str, Any]:
   """Natural + robust accuracy on ``images`` for :func:`eval_specs` (white-box, or transferred from
-  ``oracle = (model, variables)``), with the settings and a RobustBench-style entry."""
+  ``oracle = (model, variables)``), with the settings and a RobustBench-style entry; ``resume_path``
+  records finished (batch, attack) units and resumes from them (:mod:`enquant.evaluate`)."""
   specs = eval_specs(cfg)
   key = jax.random.PRNGKey(cfg.eval.seed)
   target_fn = jax.tree_util.Partial(model.apply_eval, variables)
   if oracle is None:
     acc, masks = evaluate_lib.evaluate(target_fn, images, labels, specs,
                                        batch_size=cfg.eval.batch_size, key=key, progress=progress,
-                                       max_unroll=cfg.eval.max_unroll, return_masks=True)
+                                       max_unroll=cfg.eval.max_unroll, return_masks=True,
+                                       resume_path=resume_path)
   else:
     oracle_fn = jax.tree_util.Partial(oracle[0].apply_eval, oracle[1])
     acc, masks = evaluate_lib.transfer(oracle_fn, target_fn, images, labels, specs,
                                        batch_size=cfg.eval.batch_size, key=key, progress=progress,
-                                       max_unroll=cfg.eval.max_unroll, return_masks=True)
+                                       max_unroll=cfg.eval.max_unroll, return_masks=True,
+                                       resume_path=resume_path)
   out: dict[str, Any] = {"accuracy": acc, "attacks": [s.to_dict() for s in specs],
                          "eval_seed": cfg.eval.seed, "examples": int(acc["n"])}
   # The RobustBench-style row: per image, the worst case over every attack run at the main eps (an
@@ -446,8 +450,10 @@ def final_results(cfg, model, state, ds, *, mesh, eval_step, progress, log, work
   variables = jax.device_get(variables)
   n = min(len(ds.test_images), cfg.eval.max_examples or len(ds.test_images))
   if eval_specs(cfg):
+    # A killed evaluation resumes at its first unfinished (batch, attack) when the run is rerun.
     results["robust"] = robust_evaluation(cfg, model, variables, ds.test_images[:n],
-                                          ds.test_labels[:n], progress=progress)
+                                          ds.test_labels[:n], progress=progress,
+                                          resume_path=os.path.join(workdir, "evaluation_progress.json"))
     log("robust accuracy on %d images: %s" % (n, ", ".join(
         f"{k}={v:.4f}" for k, v in results["robust"]["accuracy"].items() if k != "n")))
     figure_examples(cfg, model, variables, ds, os.path.join(workdir, "adversarial_examples.png"))

@@ -165,13 +165,15 @@ def evaluate_run() -> dict:
                                    progress=FLAGS.progress)
   else:
     result = pipeline.robust_evaluation(cfg, model, variables, images, labels,
-                                        progress=FLAGS.progress, oracle=oracle)
+                                        progress=FLAGS.progress, oracle=oracle,
+                                        resume_path=out[:-5] + "-progress.json")
   if FLAGS.sanity:
     result["sanity"] = sanity_report(cfg, model, variables, images, labels, progress=FLAGS.progress)
   result.update(run=os.path.abspath(FLAGS.run), eps=cfg.eval.eps, noise_rng=cfg.model.noise_rng,
                 oracle=os.path.abspath(FLAGS.oracle) if FLAGS.oracle else None,
                 software=pipeline.software_versions())
   files.write_json_atomic(out, result)
+  files.remove_if_exists(out[:-5] + "-progress.json")
   acc = result["accuracy"]
   table = ("| " + " | ".join(k for k in acc if k != "n") + " |\n|" + "---|" * (len(acc) - 1) + "\n| "
            + " | ".join(f"{100 * v:.2f}%" for k, v in acc.items() if k != "n") + " |\n")

@@ -95,9 +95,11 @@ def _transfer(target_dir: str, oracle_dir: str, log=print) -> dict | None:
   n = min(len(ds.test_images), cfg.eval.max_examples or len(ds.test_images))
   log(f"transfer: {os.path.basename(oracle_dir)} -> {os.path.basename(target_dir)} on {n} images")
   result = pipeline.robust_evaluation(cfg, model, variables, ds.test_images[:n], ds.test_labels[:n],
-                                      progress=FLAGS.progress, oracle=(omodel, ovars))
+                                      progress=FLAGS.progress, oracle=(omodel, ovars),
+                                      resume_path=path[:-5] + "-progress.json")
   result.update(oracle=os.path.abspath(oracle_dir))
   files.write_json_atomic(path, result)
+  files.remove_if_exists(path[:-5] + "-progress.json")
   return result
 
 

@@ -164,6 +164,56 @@ def test_partial_logits_fn_reuses_the_compiled_attack_for_new_weights():
   assert b["natural"] == pytest.approx(2 / 7) and b["fgsm"] == pytest.approx(1 / 7)
 
 
+def _counting(fn, fail_after=None):
+  """``fn`` that counts its calls (``.calls``) and raises KeyboardInterrupt on call ``fail_after + 1``."""
+  def wrapped(*args, **kwargs):
+    if fail_after is not None and wrapped.calls == fail_after:
+      raise KeyboardInterrupt("killed (injected)")
+    wrapped.calls += 1
+    return fn(*args, **kwargs)
+  wrapped.calls = 0
+  return wrapped
+
+
+def test_a_killed_evaluation_resumes_where_it_stopped_with_the_same_numbers(noisy_runs, monkeypatch,
+                                                                            tmp_path):
+  images, labels = _noisy_data()
+  path = str(tmp_path / "progress.json")
+  run = lambda key: ev.evaluate(noisy_model, images, labels, NOISY_SPECS, batch_size=8, key=key,
+                                progress=False, resume_path=path)
+  calls_per_batch = sum(spec.restarts for spec in NOISY_SPECS)  # none-r3: 3 calls, pgd3-eot2: 1
+  # killed in batch 1's second spec: batch 0 and batch 1's natural pass and first spec are saved
+  original = ev._spec_correct
+  monkeypatch.setattr(ev, "_spec_correct", _counting(original, fail_after=calls_per_batch + 3))
+  with pytest.raises(KeyboardInterrupt):
+    run(jax.random.key(1))
+  saved = ev.files.read_json(path)
+  assert saved["done"] == ["0/natural", "0/none-r3", "0/pgd3-eot2", "1/natural", "1/none-r3"]
+  resumed = _counting(original)
+  monkeypatch.setattr(ev, "_spec_correct", resumed)
+  assert run(jax.random.key(1)) == noisy_runs[0]  # equal to the uninterrupted evaluation
+  assert resumed.calls == 1 + calls_per_batch  # batch 1's pgd3-eot2 and batch 2: nothing redone
+  # another key (a different fingerprint) ignores the saved units and recomputes everything
+  assert run(jax.random.key(2)) == noisy_runs[2]
+  assert resumed.calls == 1 + 4 * calls_per_batch
+
+
+def test_resuming_tells_apart_the_weights_held_by_a_partial(tmp_path):
+  def apply(sign, x, key):
+    del key
+    return _pixel_logits(x[:, 0, 0, 0], sign=sign)
+
+  path = str(tmp_path / "progress.json")
+  run = lambda sign: ev.evaluate(jax.tree_util.Partial(apply, jnp.float32(sign)), _images_uint8(), LABELS,
+                                 SPECS[1:2], batch_size=4, key=jax.random.key(0), progress=False,
+                                 resume_path=path)
+  assert run(1.0)["fgsm"] == pytest.approx(ROBUST)
+  assert run(-1.0)["fgsm"] == pytest.approx(1 / 7)  # not the saved units of the other weights
+  with open(path, "w") as f:
+    f.write("{not json")
+  assert run(1.0)["fgsm"] == pytest.approx(ROBUST)  # an unreadable file is overwritten, not trusted
+
+
 # --------------------------------------------------------------------------------------------------
 # Specs, presets, entries, errors
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from enquant import config as config_lib
+from enquant import evaluate as evaluate_lib
 from enquant import export
+from enquant import files
 from enquant import pipeline
 from enquant.models import ModelConfig
 
@@ -28,7 +30,22 @@ def ternary_run(tmp_path_factory):
                                    relax_fraction=0.5),
       eval=config_lib.EvalConfig(attacks="a1", eps=0.1, max_examples=64, eot_samples=0, batch_size=64),
   )
-  results = pipeline.train_and_evaluate(cfg, workdir, progress=False, log=lambda *_: None)
+  # Trained as an unlucky run is: the process dies in its robust evaluation, after the natural pass of the
+  # first batch; the rerun resumes from the last checkpoint and that finished unit (the evaluation equals
+  # an uninterrupted one: test_evaluation_of_a_randomized_model_is_reproducible_with_the_same_key).
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt("killed (injected)")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(evaluate_lib, "_spec_correct", killed)
+    with pytest.raises(KeyboardInterrupt):
+      pipeline.train_and_evaluate(cfg, workdir, progress=False, log=lambda *_: None)
+  progress = files.read_json(os.path.join(workdir, "evaluation_progress.json"))
+  assert progress["done"] == ["0/natural"]
+  lines = []
+  results = pipeline.train_and_evaluate(cfg, workdir, progress=False, log=lines.append)
+  assert any("resumed from" in line and "(epoch 2/2)" in line for line in lines), lines
+  assert not any(line.startswith("epoch ") for line in lines)  # no epoch was trained again
+  assert not os.path.exists(os.path.join(workdir, "evaluation_progress.json"))  # removed once written
   return cfg, workdir, results
 
 
