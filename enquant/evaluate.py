@@ -423,6 +423,19 @@ def worst_case(masks: Mapping[str, np.ndarray], names: Sequence[str] | None = No
   return out
 
 
+def pack_mask(mask) -> str:
+  """A boolean per-image mask as a compact hex string (8 images per byte) for results files."""
+  return np.packbits(np.asarray(mask, bool)).tobytes().hex()
+
+
+def unpack_mask(packed: str, n: int) -> np.ndarray:
+  """Inverse of :func:`pack_mask` for ``n`` images."""
+  bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed), np.uint8))
+  if bits.size < n or bits.size >= n + 8:
+    raise ValueError(f"a packed mask of {bits.size} bits cannot hold {n} images")
+  return bits[:n].astype(bool)
+
+
 def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *, batch_size: int,
              key, progress: bool = True, max_unroll: int = MAX_UNROLL, return_masks: bool = False,
              resume_path: str | None = None):
@@ -497,6 +510,6 @@ def robustbench_entry(result: Mapping[str, float], spec_name: str, *, threat_mod
 
 
 __all__ = [
-    "AttackSpec", "KINDS", "PAPER_EPS", "craft", "evaluate", "paper_specs", "paper_step_size",
-    "parse_attacks", "robustbench_entry", "transfer", "worst_case",
+    "AttackSpec", "KINDS", "PAPER_EPS", "craft", "evaluate", "pack_mask", "paper_specs", "paper_step_size",
+    "parse_attacks", "robustbench_entry", "transfer", "unpack_mask", "worst_case",
 ]

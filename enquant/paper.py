@@ -130,8 +130,21 @@ class Row:
 
 
 @dataclasses.dataclass(frozen=True)
+class Check:
+  """One comparison behind a table's claim: ``better``'s accuracy minus ``worse``'s on the same test images,
+  per column (``"N"`` is the clean accuracy on those images). A row with an oracle is compared through its
+  transfer evaluation (Table III: transfer vs white-box on the same target)."""
+
+  label: str
+  better: Row
+  worse: Row
+  columns: tuple[str, ...] = ("A1", "A2", "A3")
+
+
+@dataclasses.dataclass(frozen=True)
 class Table:
-  """A table of the paper: its rows, the columns it reports and the claim it supports."""
+  """A table of the paper: its rows, the columns it reports, the claim it supports and the paired
+  comparisons (:class:`Check`) that test the claim on our runs."""
 
   name: str
   title: str
@@ -139,6 +152,7 @@ class Table:
   columns: tuple[str, ...]
   rows: tuple[Row, ...]
   transfer: bool = False
+  checks: tuple[Check, ...] = ()
 
 
 def _paper(**numbers) -> tuple[tuple[str, float], ...]:
@@ -306,6 +320,33 @@ _register(Table("VIII", "Generalization to more datasets (loss (6), alpha=1, bet
                         paper=_paper(**_acc(93.33, 78.08, 58.11, 75.79))),
                 )))
 
+
+
+def _add_checks() -> None:
+  """The paired comparisons of the claims that a comparison of two rows can test (I, II, III, V, VI)."""
+  c = "cifar10"
+  br = lambda n, **kw: Row(c, n, quant="br", **kw)
+  resnet34 = dict(noise=0.0, stages=(5, 5, 6))
+  checks = {
+      "I": tuple(Check(f"BR beats BC, En{n}ResNet20", br(n), Row(c, n, quant="bc"), _ACC) for n in (1, 2, 5)),
+      "II": (Check("En1ResNet20 more robust than ResNet20, float", Row(c, 1), Row(c, 1, noise=0.0)),
+             Check("En1ResNet20 more robust than ResNet20, BR", br(1), br(1, noise=0.0)),
+             Check("En2ResNet20 more robust than ResNet34, float", Row(c, 2), Row(c, 1, **resnet34)),
+             Check("En2ResNet20 more robust than ResNet34, BR", br(2), br(1, **resnet34))),
+      "III": tuple(Check(f"transfer from {r.oracle.net} {r.oracle.quant_label} weaker than white-box, "
+                         f"{r.net} {r.quant_label}", r, dataclasses.replace(r, oracle=None, paper=()))
+                   for r in TABLES["III"].rows),
+      "V": tuple(Check(f"(6) more robust than (5), beta={b}", Row(c, 1, loss="tradeoff", beta=b),
+                       Row(c, 1, loss="trades", beta=b)) for b in (1, 4, 8)),  # int betas, as the rows
+      "VI": tuple(Check(f"alpha=1 raises N, En{n}ResNet20 BR, beta={b}", br(n, loss="tradeoff", beta=float(b)),
+                        br(n, loss="at"), ("N",)) for n in (1, 2, 5) for b in (4, 8)),
+  }
+  for name, table_checks in checks.items():
+    TABLES[name] = dataclasses.replace(TABLES[name], checks=table_checks)
+
+
+_add_checks()
+
 # --------------------------------------------------------------------------------------------- scales
 
 CPU_SUBSTITUTE = {"cifar10": "fmnist", "cifar100": "fmnist", "svhn": "fmnist"}
@@ -471,5 +512,5 @@ def measured(results: dict[str, Any], column: str, transfer: dict[str, Any] | No
   return None if value is None else 100 * value
 
 
-__all__ = ["CPU_NOTES", "Row", "SCALES", "TABLES", "Table", "build_config", "cpu_kind", "gpu_epochs",
+__all__ = ["CPU_NOTES", "Check", "Row", "SCALES", "TABLES", "Table", "build_config", "cpu_kind", "gpu_epochs",
            "gpu_note", "kernel_layer", "measured", "protocol", "run_name", "runs_of", "table"]

@@ -393,8 +393,10 @@ def robust_evaluation(cfg: ExperimentConfig, model: EnResNet, variables, images,
                                        batch_size=cfg.eval.batch_size, key=key, progress=progress,
                                        max_unroll=cfg.eval.max_unroll, return_masks=True,
                                        resume_path=resume_path)
+  # Per-image correctness (hex, evaluate.pack_mask): paired comparisons of two runs on the same images.
   out: dict[str, Any] = {"accuracy": acc, "attacks": [s.to_dict() for s in specs],
-                         "eval_seed": cfg.eval.seed, "examples": int(acc["n"])}
+                         "eval_seed": cfg.eval.seed, "examples": int(acc["n"]),
+                         "masks": {k: evaluate_lib.pack_mask(v) for k, v in masks.items()}}
   # The RobustBench-style row: per image, the worst case over every attack run at the main eps (an
   # image counts as robust only if no attack broke it), not the single strongest attack's accuracy.
   at_eps = [s.name for s in specs if s.kind != "none" and s.eps == cfg.eval.eps]

@@ -2,12 +2,19 @@
 
 :func:`table_rows` pairs every row of a :class:`enquant.paper.Table` with the ``results.json`` of its run
 (and, for transfer rows, the transfer evaluation); :func:`table_markdown` renders them with the protocol in
-the header. Missing runs appear as ``pending``, never as numbers.
+the header. Missing runs appear as ``pending``, never as numbers. :func:`check_rows` tests a table's
+claim on our runs: paired differences of two runs on the same test images, with a 95 % interval.
 """
 
+import math
 from typing import Any
 
+import numpy as np
+
+from enquant import evaluate as evaluate_lib
 from enquant import paper as paper_lib
+
+Z95 = 1.959964  # two-sided 95 % normal quantile
 
 
 def _fmt(value: float | None, column: str) -> str:
@@ -63,6 +70,86 @@ def table_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
   return out
 
 
+def paired_difference(better, worse) -> dict[str, float]:
+  """``better - worse`` accuracy (points) from per-image correctness on the same images, with the 95 %
+  interval of the mean of the per-image differences (normal approximation; McNemar's setting).
+
+  Returns:
+    ``{"diff", "low", "high", "n", "verdict"}``; verdict "holds" (interval above 0), "reversed" (below 0)
+    or "inconclusive".
+  """
+  a, b = np.asarray(better, bool), np.asarray(worse, bool)
+  if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+    raise ValueError("paired masks must be two 1-D masks of the same length >= 2, got "
+                     f"{a.shape} and {b.shape}")
+  d = a.astype(np.float64) - b.astype(np.float64)
+  mean, half = d.mean(), Z95 * d.std(ddof=1) / math.sqrt(d.size)
+  low, high = 100 * (mean - half), 100 * (mean + half)
+  verdict = "holds" if low > 0 else "reversed" if high < 0 else "inconclusive"
+  return {"diff": 100 * mean, "low": low, "high": high, "n": int(d.size), "verdict": verdict}
+
+
+def _masks(res: dict | None, transfer: dict | None) -> dict[str, np.ndarray] | None:
+  source = transfer if transfer is not None else (res or {}).get("robust")
+  if not source or "masks" not in source:
+    return None
+  n = int(source["accuracy"]["n"])
+  return {k: evaluate_lib.unpack_mask(v, n) for k, v in source["masks"].items()}
+
+
+def check_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], transfers: dict[tuple, dict]
+               ) -> list[dict[str, Any]]:
+  """Every :class:`enquant.paper.Check` of ``tbl``: per column the paired difference (or the reason it is
+  missing: a pending run, or results that predate per-image masks), and a verdict over its columns."""
+  out = []
+  for check in tbl.checks:
+    sides, state = [], "done"
+    for row in (check.better, check.worse):
+      name = paper_lib.run_name(paper_lib.build_config(row, scale))
+      transfer = None
+      if row.oracle is not None:
+        transfer = transfers.get((name, paper_lib.run_name(paper_lib.build_config(row.oracle, scale))))
+      res = results.get(name)
+      if res is None or (row.oracle is not None and transfer is None):
+        state = "pending"
+      elif state == "done" and _masks(res, transfer) is None:
+        state = "no per-image masks (python -m experiments.paper --add_masks)"
+      sides.append(None if state != "done" else _masks(res, transfer))
+    entry: dict[str, Any] = {"check": check.label, "state": state, "columns": {}}
+    if state == "done":
+      for column in check.columns:
+        key = "natural" if column == "N" else column
+        entry["columns"][column] = paired_difference(sides[0][key], sides[1][key])
+      verdicts = [v["verdict"] for v in entry["columns"].values()]
+      entry["verdict"] = ("holds" if all(v == "holds" for v in verdicts) else
+                          "reversed" if all(v == "reversed" for v in verdicts) else
+                          ", ".join(f"{verdicts.count(v)} {v}" for v in ("holds", "inconclusive", "reversed")
+                                    if v in verdicts))
+    out.append(entry)
+  return out
+
+
+def _checks_markdown(tbl: paper_lib.Table, checks: list[dict[str, Any]]) -> list[str]:
+  columns = [c for c in tbl.columns + ("N", "A1", "A2", "A3") if any(c in k.columns for k in tbl.checks)]
+  columns = list(dict.fromkeys(columns))
+  lines = ["## Claim check on our runs", "",
+           "Accuracy of the first run minus the second's, in points, on the same test images (N: clean "
+           "accuracy on those images), with the 95 % interval of the paired per-image differences. *holds*: the "
+           "interval lies above 0; *reversed*: below 0; *inconclusive*: it contains 0. The interval covers "
+           "the sampling of test images only: each row is one training run, so seed-to-seed variation is "
+           "not in it.", "",
+           "| check | " + " | ".join(columns) + " | verdict |", "|" + "---|" * (len(columns) + 2)]
+  for entry in checks:
+    cells = [entry["check"]]
+    for c in columns:
+      v = entry["columns"].get(c)
+      cells.append("-" if v is None else
+                   f"{v['diff']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}] {v['verdict']}")
+    cells.append(entry.get("verdict", entry["state"]))
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
 def _noise_note(tbl: paper_lib.Table) -> str:
   """Which generator drew EnResNet's N(0, 1) noise in the table's rows (enquant.models.noise)."""
   legacy = [f"{r.dataset} {r.quant_label}" for r in tbl.rows
@@ -71,8 +158,10 @@ def _noise_note(tbl: paper_lib.Table) -> str:
   return note + (f" ({', '.join(legacy)}: threefry, as trained before the hash existed)." if legacy else ".")
 
 
-def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]]) -> str:
-  """The Markdown of a rebuilt table (header with the protocol and the claim, then the rows)."""
+def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]],
+                   checks: list[dict[str, Any]] | None = None) -> str:
+  """The Markdown of a rebuilt table (header with the protocol and the claim, the rows, then the claim
+  checks of :func:`check_rows`)."""
   if scale == "paper":
     protocol = ("paper scale: the paper's protocol (200 epochs, PGD-10 training attack, A1-A3 at eps 0.031 "
                 "on the whole test set).")
@@ -111,7 +200,9 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]])
     cells.append("-" if wall is None else f"{wall / 60:.0f} min")
     lines.append("| " + " | ".join(str(c) for c in cells) + " |")
   lines.append("")
+  if checks:
+    lines += _checks_markdown(tbl, checks)
   return "\n".join(lines)
 
 
-__all__ = ["table_markdown", "table_rows"]
+__all__ = ["check_rows", "paired_difference", "table_markdown", "table_rows"]

@@ -135,6 +135,81 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
     assert (out / "cpu" / "fig7_fmnist_minibatch.png").stat().st_size > 1000
 
 
+def test_paired_difference_matches_the_closed_form_and_reads_the_interval():
+  # 100 images: 10 only the first model gets right, 4 only the second, 86 the same for both.
+  first = np.zeros(100, bool)
+  second = np.zeros(100, bool)
+  first[:10] = True
+  second[10:14] = True
+  first[14:60] = second[14:60] = True
+  b, c, n = 10, 4, 100
+  mean = (b - c) / n
+  se = np.sqrt((b + c - (b - c) ** 2 / n) / (n - 1) / n)  # McNemar's variance of the paired mean
+  got = reports.paired_difference(first, second)
+  assert got["diff"] == pytest.approx(100 * mean)
+  assert got["low"] == pytest.approx(100 * (mean - 1.959964 * se))
+  assert got["high"] == pytest.approx(100 * (mean + 1.959964 * se))
+  assert got["verdict"] == "inconclusive" and got["low"] < 0 < got["high"]
+  first[60:80] = True  # 30 vs 4 disagreements: the interval leaves 0
+  assert reports.paired_difference(first, second)["verdict"] == "holds"
+  assert reports.paired_difference(second, first)["verdict"] == "reversed"
+  with pytest.raises(ValueError, match="same length"):
+    reports.paired_difference(first, second[:50])
+
+
+def test_masks_are_packed_compactly_and_unpacked_exactly():
+  from enquant import evaluate as ev  # pylint: disable=g-import-not-at-top
+  mask = np.random.default_rng(0).random(1001) < 0.7
+  packed = ev.pack_mask(mask)
+  assert len(packed) == 2 * 126  # hex of ceil(1001 / 8) bytes
+  np.testing.assert_array_equal(ev.unpack_mask(packed, 1001), mask)
+  with pytest.raises(ValueError, match="cannot hold"):
+    ev.unpack_mask(packed, 2000)
+
+
+def _masked_results(cfg, correct: dict[str, np.ndarray]):
+  from enquant import evaluate as ev  # pylint: disable=g-import-not-at-top
+  n = len(correct["natural"])
+  res = _fake_results(cfg, float(correct["natural"].mean()), float(correct["A1"].mean()))
+  res["robust"]["accuracy"] = {**{k: float(v.mean()) for k, v in correct.items()}, "n": n}
+  res["robust"]["masks"] = {k: ev.pack_mask(v) for k, v in correct.items()}
+  return res
+
+
+def test_claim_checks_compare_two_runs_on_the_same_images():
+  rng = np.random.default_rng(0)
+  base = {k: rng.random(1000) < 0.7 for k in ("natural", "A1", "A2", "A3")}
+  better = {k: v | (rng.random(1000) < 0.2) for k, v in base.items()}  # right wherever base is, and more
+  name = lambda row: paper.run_name(paper.build_config(row, "cpu"))
+  tbl = paper.table("I")
+  br1, bc1 = tbl.checks[0].better, tbl.checks[0].worse
+  br2 = tbl.checks[1].better
+  results = {name(br1): _masked_results(paper.build_config(br1, "cpu"), better),
+             name(bc1): _masked_results(paper.build_config(bc1, "cpu"), base),
+             name(br2): _fake_results(paper.build_config(br2, "cpu"), 0.8, 0.7)}  # no masks
+  checks = reports.check_rows(tbl, "cpu", results, {})
+  assert [c["state"] for c in checks][0] == "done" and checks[0]["verdict"] == "holds"
+  a2 = checks[0]["columns"]["A2"]
+  assert a2["diff"] == pytest.approx(100 * (better["A2"].mean() - base["A2"].mean()))
+  assert checks[1]["state"] == "pending"  # En2 BC has no run
+  assert checks[2]["state"] == "pending"
+  md = reports.table_markdown(tbl, "cpu", reports.table_rows(tbl, "cpu", results, {}), checks)
+  assert "## Claim check on our runs" in md
+  assert f"| BR beats BC, En1ResNet20 | {checks[0]['columns']['N']['diff']:+.2f} [" in md
+  # Table III: the same target under its oracle's (transferred) examples vs white-box
+  t3 = paper.table("III")
+  check = t3.checks[0]
+  target, oracle = name(check.worse), name(check.better.oracle)
+  transfer = _masked_results(paper.build_config(check.worse, "cpu"), better)["robust"]
+  results = {target: _masked_results(paper.build_config(check.worse, "cpu"), base),
+             oracle: _fake_results(paper.build_config(check.better.oracle, "cpu"), 0.8, 0.7)}
+  got = reports.check_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
+  assert got["verdict"] == "holds" and set(got["columns"]) == {"A1", "A2", "A3"}
+  del results[target]["robust"]["masks"]
+  got = reports.check_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
+  assert got["state"].startswith("no per-image masks")
+
+
 def test_results_md_counts_channels_as_the_paper():
   # The paper counts zero *input* channels of the 3x3 convs (its ResNet20 has 627); 1x1 shortcuts are out.
   k1 = np.ones((1, 3, 3, 2, 4), np.float32)
