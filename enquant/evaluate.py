@@ -28,9 +28,6 @@ and overwritten.
 
 import dataclasses
 import functools
-import hashlib
-import json
-import os
 import re
 import zlib
 from typing import Any, Callable, Mapping, Sequence
@@ -40,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm.auto
 
-from enquant import attacks, files
+from enquant import attacks, evalfiles
 
 LogitsFn = Callable[[jax.Array, Any], jax.Array]
 
@@ -305,41 +302,6 @@ def _to_float(batch: np.ndarray) -> np.ndarray:
   return batch.astype(np.float32)
 
 
-def _fingerprint(craft_fn, eval_fn, images, labels, specs, *, batch, key, max_unroll, desc) -> str:
-  """A hash of everything that sets an evaluation's numbers (module docstring, "Resuming")."""
-  h = hashlib.sha256()
-  settings = {"desc": desc, "batch": batch, "max_unroll": max_unroll, "specs": [s.to_dict() for s in specs],
-              "fns": [str(jax.tree_util.tree_structure(f)) for f in (craft_fn, eval_fn)]}
-  h.update(json.dumps(settings, sort_keys=True).encode())
-  for a in (images, labels, jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-            else key, *jax.tree_util.tree_leaves((craft_fn, eval_fn))):
-    a = np.asarray(a)
-    h.update(f"{a.dtype}{a.shape}".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()
-
-
-def _load_progress(path: str | None, fingerprint: str, masks: dict[str, np.ndarray]) -> set[str]:
-  """Fills ``masks`` from a matching progress file; returns its finished units (``"batch/name"``)."""
-  if path is None or not os.path.exists(path):
-    return set()
-  try:
-    saved = files.read_json(path)
-    if saved.get("fingerprint") != fingerprint:
-      return set()
-    for name, bits in saved["masks"].items():
-      masks[name][:] = np.frombuffer(bits.encode(), np.uint8) == ord("1")
-    return set(saved["done"])
-  except (ValueError, KeyError, TypeError, AttributeError):
-    return set()  # unreadable or of another shape: start over (it is overwritten)
-
-
-def _save_progress(path: str, fingerprint: str, masks: dict[str, np.ndarray], done: set[str]) -> None:
-  files.write_json_atomic(path, {
-      "fingerprint": fingerprint, "done": sorted(done),
-      "masks": {k: "".join("1" if b else "0" for b in v) for k, v in masks.items()}})
-
-
 def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress, max_unroll, desc,
          resume_path=None):
   """The evaluation loop; returns ``(accuracies, per-example correctness)``."""
@@ -364,14 +326,18 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
   batch = min(batch_size, n)
   n_batches = -(-n // batch)
   masks = {"natural": np.zeros(n, bool), **{name: np.zeros(n, bool) for name in names}}
-  fingerprint = _fingerprint(craft_fn, eval_fn, images, labels, specs, batch=batch, key=key,
-                             max_unroll=max_unroll, desc=desc) if resume_path is not None else ""
-  done_units = _load_progress(resume_path, fingerprint, masks)
+  fingerprint = ""
+  if resume_path is not None:  # everything that sets a number, the weights held by the Partials included
+    settings = {"desc": desc, "batch": batch, "max_unroll": max_unroll, "specs": [s.to_dict() for s in specs],
+                "fns": [str(jax.tree_util.tree_structure(f)) for f in (craft_fn, eval_fn)]}
+    fingerprint = evalfiles.fingerprint(
+        settings, [images, labels, key, *jax.tree_util.tree_leaves((craft_fn, eval_fn))])
+  done_units = evalfiles.load_progress(resume_path, fingerprint, masks)
 
   def finished(unit):
     done_units.add(unit)
     if resume_path is not None:
-      _save_progress(resume_path, fingerprint, masks, done_units)
+      evalfiles.save_progress(resume_path, fingerprint, masks, done_units)
   # The bar counts attacked images (one unit per image, attack and restart) and moves after every
   # compiled call, so long attacks show progress within a batch.
   total = n * (1 + sum(spec.restarts for spec in specs))
@@ -421,19 +387,6 @@ def worst_case(masks: Mapping[str, np.ndarray], names: Sequence[str] | None = No
   for name in names:
     out &= np.asarray(masks[name], bool)
   return out
-
-
-def pack_mask(mask) -> str:
-  """A boolean per-image mask as a compact hex string (8 images per byte) for results files."""
-  return np.packbits(np.asarray(mask, bool)).tobytes().hex()
-
-
-def unpack_mask(packed: str, n: int) -> np.ndarray:
-  """Inverse of :func:`pack_mask` for ``n`` images."""
-  bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed), np.uint8))
-  if bits.size < n or bits.size >= n + 8:
-    raise ValueError(f"a packed mask of {bits.size} bits cannot hold {n} images")
-  return bits[:n].astype(bool)
 
 
 def evaluate(logits_fn: LogitsFn, images, labels, specs: Sequence[AttackSpec], *, batch_size: int,
@@ -510,6 +463,6 @@ def robustbench_entry(result: Mapping[str, float], spec_name: str, *, threat_mod
 
 
 __all__ = [
-    "AttackSpec", "KINDS", "PAPER_EPS", "craft", "evaluate", "pack_mask", "paper_specs", "paper_step_size",
-    "parse_attacks", "robustbench_entry", "transfer", "unpack_mask", "worst_case",
+    "AttackSpec", "KINDS", "PAPER_EPS", "craft", "evaluate", "paper_specs", "paper_step_size",
+    "parse_attacks", "robustbench_entry", "transfer", "worst_case",
 ]

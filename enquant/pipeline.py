@@ -19,6 +19,7 @@ from enquant import checkpoint as ckpt_lib
 from enquant import config as config_lib
 from enquant import data as data_lib
 from enquant import distributed
+from enquant import evalfiles
 from enquant import evaluate as evaluate_lib
 from enquant import export as export_lib
 from enquant import files
@@ -396,7 +397,7 @@ def robust_evaluation(cfg: ExperimentConfig, model: EnResNet, variables, images,
   # Per-image correctness (hex, evaluate.pack_mask): paired comparisons of two runs on the same images.
   out: dict[str, Any] = {"accuracy": acc, "attacks": [s.to_dict() for s in specs],
                          "eval_seed": cfg.eval.seed, "examples": int(acc["n"]),
-                         "masks": {k: evaluate_lib.pack_mask(v) for k, v in masks.items()}}
+                         "masks": {k: evalfiles.pack_mask(v) for k, v in masks.items()}}
   # The RobustBench-style row: per image, the worst case over every attack run at the main eps (an
   # image counts as robust only if no attack broke it), not the single strongest attack's accuracy.
   at_eps = [s.name for s in specs if s.kind != "none" and s.eps == cfg.eval.eps]

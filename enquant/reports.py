@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from enquant import evaluate as evaluate_lib
+from enquant import evalfiles
 from enquant import paper as paper_lib
 
 Z95 = 1.959964  # two-sided 95 % normal quantile
@@ -94,7 +94,7 @@ def _masks(res: dict | None, transfer: dict | None) -> dict[str, np.ndarray] | N
   if not source or "masks" not in source:
     return None
   n = int(source["accuracy"]["n"])
-  return {k: evaluate_lib.unpack_mask(v, n) for k, v in source["masks"].items()}
+  return {k: evalfiles.unpack_mask(v, n) for k, v in source["masks"].items()}
 
 
 def check_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], transfers: dict[tuple, dict]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from enquant import evaluate as ev
+from enquant import files
 
 EPS = 0.1
 SCALE = 10.0
@@ -187,7 +188,7 @@ def test_a_killed_evaluation_resumes_where_it_stopped_with_the_same_numbers(nois
   monkeypatch.setattr(ev, "_spec_correct", _counting(original, fail_after=calls_per_batch + 3))
   with pytest.raises(KeyboardInterrupt):
     run(jax.random.key(1))
-  saved = ev.files.read_json(path)
+  saved = files.read_json(path)
   assert saved["done"] == ["0/natural", "0/none-r3", "0/pgd3-eot2", "1/natural", "1/none-r3"]
   resumed = _counting(original)
   monkeypatch.setattr(ev, "_spec_correct", resumed)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from enquant import evalfiles
 from enquant import paper
 from enquant import pipeline
 from enquant import reports
@@ -158,21 +159,19 @@ def test_paired_difference_matches_the_closed_form_and_reads_the_interval():
 
 
 def test_masks_are_packed_compactly_and_unpacked_exactly():
-  from enquant import evaluate as ev  # pylint: disable=g-import-not-at-top
   mask = np.random.default_rng(0).random(1001) < 0.7
-  packed = ev.pack_mask(mask)
+  packed = evalfiles.pack_mask(mask)
   assert len(packed) == 2 * 126  # hex of ceil(1001 / 8) bytes
-  np.testing.assert_array_equal(ev.unpack_mask(packed, 1001), mask)
+  np.testing.assert_array_equal(evalfiles.unpack_mask(packed, 1001), mask)
   with pytest.raises(ValueError, match="cannot hold"):
-    ev.unpack_mask(packed, 2000)
+    evalfiles.unpack_mask(packed, 2000)
 
 
 def _masked_results(cfg, correct: dict[str, np.ndarray]):
-  from enquant import evaluate as ev  # pylint: disable=g-import-not-at-top
   n = len(correct["natural"])
   res = _fake_results(cfg, float(correct["natural"].mean()), float(correct["A1"].mean()))
   res["robust"]["accuracy"] = {**{k: float(v.mean()) for k, v in correct.items()}, "n": n}
-  res["robust"]["masks"] = {k: ev.pack_mask(v) for k, v in correct.items()}
+  res["robust"]["masks"] = {k: evalfiles.pack_mask(v) for k, v in correct.items()}
   return res
 
 
