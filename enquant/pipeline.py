@@ -468,6 +468,7 @@ def final_results(cfg, model, state, ds, *, mesh, eval_step, progress, log, work
       best = max(logged, key=lambda r, n=name: r[n])
       results[name], results[name + "_epoch"] = best[name], int(best["epoch"])
   if rows:
+    results["history"] = rows  # per-epoch metrics, so the results file alone redraws the M_t curves
     plots.training_curves(os.path.join(workdir, "training_curves.png"), rows)
   return results
 

@@ -10,7 +10,10 @@
 Runs live in ``--runs_root/<scale>/<run name>`` (one directory per distinct configuration, shared by every
 table that needs it; re-running resumes unfinished runs from their checkpoints and skips finished ones).
 Tables go to ``--results_root/<scale>/table_<name>.md`` and ``.json``, each finished run's ``results.json``
-to ``--results_root/<scale>/runs/<run name>.json``, figures beside the tables.
+to ``--results_root/<scale>/runs/<run name>.json``, figures beside the tables. A run whose results are there
+(committed with the repository) but whose directory is not (a new machine) counts as finished: it is not
+trained again and the tables are rebuilt from that file; only transfer rows and kernel figures, which need
+the trained models, wait for the run directories.
 """
 
 import os
@@ -44,12 +47,25 @@ def _tables():
   return [paper.table(t.strip()) for t in FLAGS.table.split(",") if t.strip()]
 
 
+def _committed(name: str) -> str:
+  """Where a finished run's results are kept with the repository (``results/<scale>/runs/<name>.json``)."""
+  return os.path.join(FLAGS.results_root, FLAGS.scale, "runs", name + ".json")
+
+
 def _state(workdir: str) -> str:
+  """``done`` (results in the run directory), ``committed`` (only the results kept under ``results/``: the
+  run directory is on another machine), ``epoch <e>`` (resumable) or ``missing``."""
   from enquant import files  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(workdir, "results.json")):
     return "done"
+  if os.path.exists(_committed(os.path.basename(workdir))):
+    return "committed"
   rows = files.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if os.path.isdir(workdir) else []
   return f"epoch {rows[-1]['epoch']}" if rows else "missing"
+
+
+def _finished(state: str) -> bool:
+  return state in ("done", "committed")
 
 
 def _with_data_dir(cfg):
@@ -74,7 +90,7 @@ def train_missing(log=print) -> None:
   for tbl in _tables():
     for _, cfg in paper.runs_of(tbl, FLAGS.scale):
       workdir = os.path.join(FLAGS.runs_root, FLAGS.scale, paper.run_name(cfg))
-      if _state(workdir) == "done":
+      if _finished(_state(workdir)):
         continue
       if budget is not None and budget <= 0:
         return
@@ -90,7 +106,11 @@ def _transfer(target_dir: str, oracle_dir: str, log=print) -> dict | None:
   path = os.path.join(target_dir, f"evaluation-transfer-{os.path.basename(oracle_dir)}.json")
   if os.path.exists(path):
     return files.read_json(path)
-  if _state(target_dir) != "done" or _state(oracle_dir) != "done":
+  states = (_state(target_dir), _state(oracle_dir))
+  if states != ("done", "done"):
+    if all(_finished(st) for st in states):
+      log(f"transfer {os.path.basename(oracle_dir)} -> {os.path.basename(target_dir)}: needs both trained "
+          f"models, but only their committed results are here (states {states}); row left pending")
     return None
   cfg, model, variables, _ = pipeline.load_run(target_dir, data_dir=FLAGS.data_dir)
   _, omodel, ovars, _ = pipeline.load_run(oracle_dir, data_dir=FLAGS.data_dir)
@@ -142,6 +162,12 @@ def _portable(results: dict) -> dict:
           and os.path.isabs(v) else v for k, v in results.items()}
 
 
+def results_history(path: str) -> list[dict]:
+  """The per-epoch metrics rows a run's results file keeps (``history``; [] if absent)."""
+  from enquant import files  # pylint: disable=g-import-not-at-top
+  return files.read_json(path).get("history", []) if os.path.exists(path) else []
+
+
 def rebuild_tables(log=print) -> None:
   from enquant import files, paper, plots, reports  # pylint: disable=g-import-not-at-top
   runs_dir = os.path.join(FLAGS.runs_root, FLAGS.scale)
@@ -155,6 +181,8 @@ def rebuild_tables(log=print) -> None:
       if os.path.exists(path):
         results[name] = files.read_json(path)
         files.write_json_atomic(os.path.join(out_dir, "runs", name + ".json"), _portable(results[name]))
+      elif os.path.exists(_committed(name)):  # the run directory is on another machine
+        results[name] = files.read_json(_committed(name))
     for row in tbl.rows:
       if row.oracle is not None:
         target = paper.run_name(paper.build_config(row, FLAGS.scale))
@@ -174,7 +202,9 @@ def rebuild_tables(log=print) -> None:
     if tbl.name == "IV":  # Fig. 2: M_t against epochs for the Table IV runs
       curves = {}
       for row, cfg in paper.runs_of(tbl, FLAGS.scale):
-        metrics = files.read_jsonl(os.path.join(runs_dir, paper.run_name(cfg), "metrics.jsonl"))
+        name = paper.run_name(cfg)
+        metrics = (files.read_jsonl(os.path.join(runs_dir, name, "metrics.jsonl"))
+                   or results_history(_committed(name)))
         if metrics:
           curves[row.net] = ([m["epoch"] for m in metrics], [m["m_bound"] for m in metrics])
       if curves:

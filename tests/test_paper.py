@@ -136,6 +136,40 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
     assert (out / "cpu" / "fig7_fmnist_minibatch.png").stat().st_size > 1000
 
 
+def test_committed_results_count_as_finished_without_their_run_directories(tmp_path):
+  # A new machine: one run directory here, every other row of Table VIII only as its committed results.
+  runs, out = tmp_path / "runs", tmp_path / "results"
+  tbl = paper.table("VIII")
+  names = []  # rows may share a run
+  for row in tbl.rows:
+    cfg = paper.build_config(row, "cpu")
+    name = paper.run_name(cfg)
+    if name not in names:
+      names.append(name)
+      results = _fake_results(cfg, 0.95 - 0.01 * names.index(name), 0.90)
+      results["history"] = [{"epoch": e, "m_bound": 0.3 - 0.01 * e} for e in (1, 2)]
+      target = (runs / "cpu" / name / "results.json" if len(names) == 1
+                else out / "cpu" / "runs" / (name + ".json"))
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_text(json.dumps(results))
+  common = [sys.executable, "-m", "experiments.paper", "--table=VIII", "--scale=cpu",
+            f"--runs_root={runs}", f"--results_root={out}"]
+  listing = subprocess.run(common + ["--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert listing.returncode == 0, listing.stderr[-2000:]
+  lines = [line for line in listing.stdout.splitlines() if line.startswith("  ")]
+  assert len(lines) == len(names)
+  assert all(line.split()[0] == ("done" if line.split()[1] == names[0] else "committed") for line in lines)
+  # Not --tables_only: nothing may be trained again (training any row would take hours and need data).
+  full = subprocess.run(common, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert full.returncode == 0, full.stderr[-2000:]
+  assert "== Table" not in full.stdout
+  rows = json.loads((out / "cpu" / "table_VIII.json").read_text())["rows"]
+  assert len(rows) == len(tbl.rows) and all(r["state"] == "done" for r in rows)
+  second = next(r for r in rows if r["run"] == names[1])
+  assert second["columns"]["N"]["ours"] == pytest.approx(94.0)  # read from the committed file
+  assert not (runs / "cpu" / names[1]).exists()  # and no run directory was made for it
+
+
 def test_paired_difference_matches_the_closed_form_and_reads_the_interval():
   # 100 images: 10 only the first model gets right, 4 only the second, 86 the same for both.
   first = np.zeros(100, bool)
