@@ -142,6 +142,18 @@ class Check:
 
 
 @dataclasses.dataclass(frozen=True)
+class Trend:
+  """A claim about one number of two rows that no per-image difference can test (M, sparsity): ``larger``'s
+  ``column`` exceeds ``smaller``'s. Judged on the one run of each (no interval), beside the paper's own
+  difference of the same two rows."""
+
+  label: str
+  larger: Row
+  smaller: Row
+  column: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Table:
   """A table of the paper: its rows, the columns it reports, the claim it supports and the paired
   comparisons (:class:`Check`) that test the claim on our runs."""
@@ -153,6 +165,7 @@ class Table:
   rows: tuple[Row, ...]
   transfer: bool = False
   checks: tuple[Check, ...] = ()
+  trends: tuple[Trend, ...] = ()
 
 
 def _paper(**numbers) -> tuple[tuple[str, float], ...]:
@@ -343,6 +356,18 @@ def _add_checks() -> None:
   }
   for name, table_checks in checks.items():
     TABLES[name] = dataclasses.replace(TABLES[name], checks=table_checks)
+  iv = TABLES["IV"].rows  # n = 1, 2, 3, 5
+  vii = {(r.depth, r.noise, r.bits, r.loss): r for r in TABLES["VII"].rows}
+  label = lambda r: f"{r.net} {r.quant_label}"
+  TABLES["IV"] = dataclasses.replace(TABLES["IV"], trends=tuple(
+      Trend(f"M of {a.net} above {b.net}", a, b, "M") for a, b in zip(iv, iv[1:])))
+  TABLES["VII"] = dataclasses.replace(TABLES["VII"], trends=tuple(
+      [Trend(f"natural more channel-sparse than PGD-AT, {label(vii[d, z, b, 'natural'])}", vii[d, z, b, "natural"],
+             vii[d, z, b, "at"], "channel_sparsity")
+       for d in (20, 56) for b in (2, 4) for z in (0.0, 0.1)]
+      + [Trend(f"(6) more channel-sparse than PGD-AT, {label(vii[d, 0.1, b, 'tradeoff'])}",
+               vii[d, 0.1, b, "tradeoff"], vii[d, 0.1, b, "at"], "channel_sparsity")
+         for d in (20, 56) for b in (2, 4)]))
 
 
 _add_checks()
@@ -512,5 +537,5 @@ def measured(results: dict[str, Any], column: str, transfer: dict[str, Any] | No
   return None if value is None else 100 * value
 
 
-__all__ = ["CPU_NOTES", "Check", "Row", "SCALES", "TABLES", "Table", "build_config", "cpu_kind", "gpu_epochs",
-           "gpu_note", "kernel_layer", "measured", "protocol", "run_name", "runs_of", "table"]
+__all__ = ["CPU_NOTES", "Check", "Row", "SCALES", "TABLES", "Table", "Trend", "build_config", "cpu_kind",
+           "gpu_epochs", "gpu_note", "kernel_layer", "measured", "protocol", "run_name", "runs_of", "table"]

@@ -3,7 +3,8 @@
 :func:`table_rows` pairs every row of a :class:`enquant.paper.Table` with the ``results.json`` of its run
 (and, for transfer rows, the transfer evaluation); :func:`table_markdown` renders them with the protocol in
 the header. Missing runs appear as ``pending``, never as numbers. :func:`check_rows` tests a table's
-claim on our runs: paired differences of two runs on the same test images, with a 95 % interval.
+claim on our runs: paired differences of two runs on the same test images, with a 95 % interval;
+:func:`trend_rows` the claims about one number per run (M, sparsity) that no per-image difference tests.
 """
 
 import math
@@ -129,6 +130,40 @@ def check_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
   return out
 
 
+def trend_rows(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Every :class:`enquant.paper.Trend` of ``tbl`` from its :func:`table_rows`: the difference ``larger -
+  smaller`` of the column, the paper's and ours, and our verdict (holds: > 0, reversed: < 0, tie)."""
+  by_run = {r["run"]: r for r in rows if r["state"] == "done"}
+  out = []
+  for trend in tbl.trends:
+    theirs = [dict(r.paper).get(trend.column) for r in (trend.larger, trend.smaller)]
+    ours = [by_run.get(paper_lib.run_name(paper_lib.build_config(r, scale))) for r in (trend.larger,
+                                                                                       trend.smaller)]
+    entry: dict[str, Any] = {"trend": trend.label, "column": trend.column,
+                             "paper": None if None in theirs else theirs[0] - theirs[1]}
+    values = [None if r is None else r["columns"][trend.column]["ours"] for r in ours]
+    if None in values:
+      entry["state"] = "pending"
+    else:
+      diff = values[0] - values[1]
+      entry.update(state="done", ours=diff, verdict="holds" if diff > 0 else "reversed" if diff < 0 else "tie")
+    out.append(entry)
+  return out
+
+
+def _trends_markdown(trends: list[dict[str, Any]]) -> list[str]:
+  lines = ["## Trends on our runs", "",
+           "The first row's number minus the second's (points of sparsity, or M), the paper's and ours. One "
+           "run each, so there is no interval: a difference of a few tenths of a point may be seed noise.", "",
+           "| trend | paper | ours | verdict |", "|---|---|---|---|"]
+  for t in trends:
+    fmt = (lambda v: "-" if v is None else f"{v:+.4f}") if t["column"] == "M" else (
+        lambda v: "-" if v is None else f"{v:+.2f}")
+    lines.append(f"| {t['trend']} | {fmt(t['paper'])} | {fmt(t.get('ours'))} | "
+                 f"{t.get('verdict', t['state'])} |")
+  return lines + [""]
+
+
 def _checks_markdown(tbl: paper_lib.Table, checks: list[dict[str, Any]]) -> list[str]:
   columns = [c for c in tbl.columns + ("N", "A1", "A2", "A3") if any(c in k.columns for k in tbl.checks)]
   columns = list(dict.fromkeys(columns))
@@ -159,9 +194,10 @@ def _noise_note(tbl: paper_lib.Table) -> str:
 
 
 def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]],
-                   checks: list[dict[str, Any]] | None = None) -> str:
+                   checks: list[dict[str, Any]] | None = None,
+                   trends: list[dict[str, Any]] | None = None) -> str:
   """The Markdown of a rebuilt table (header with the protocol and the claim, the rows, then the claim
-  checks of :func:`check_rows`)."""
+  checks of :func:`check_rows` and the trends of :func:`trend_rows`)."""
   if scale == "paper":
     protocol = ("paper scale: the paper's protocol (200 epochs, PGD-10 training attack, A1-A3 at eps 0.031 "
                 "on the whole test set).")
@@ -202,7 +238,9 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]],
   lines.append("")
   if checks:
     lines += _checks_markdown(tbl, checks)
+  if trends:
+    lines += _trends_markdown(trends)
   return "\n".join(lines)
 
 
-__all__ = ["check_rows", "paired_difference", "table_markdown", "table_rows"]
+__all__ = ["check_rows", "paired_difference", "table_markdown", "table_rows", "trend_rows"]

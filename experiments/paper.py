@@ -192,11 +192,12 @@ def rebuild_tables(log=print) -> None:
           transfers[(target, oracle)] = found
     rows = reports.table_rows(tbl, FLAGS.scale, results, transfers)
     checks = reports.check_rows(tbl, FLAGS.scale, results, transfers)
+    trends = reports.trend_rows(tbl, FLAGS.scale, rows)
     files.write_text_atomic(os.path.join(out_dir, f"table_{tbl.name}.md"),
-                            reports.table_markdown(tbl, FLAGS.scale, rows, checks))
+                            reports.table_markdown(tbl, FLAGS.scale, rows, checks, trends))
     files.write_json_atomic(os.path.join(out_dir, f"table_{tbl.name}.json"),
                             {"table": tbl.name, "scale": FLAGS.scale, "title": tbl.title,
-                             "claim": tbl.claim, "rows": rows, "checks": checks})
+                             "claim": tbl.claim, "rows": rows, "checks": checks, "trends": trends})
     done = sum(r["state"] == "done" for r in rows)
     log(f"Table {tbl.name}: {done}/{len(rows)} rows done -> {out_dir}/table_{tbl.name}.md")
     if tbl.name == "IV":  # Fig. 2: M_t against epochs for the Table IV runs

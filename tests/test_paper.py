@@ -243,6 +243,31 @@ def test_claim_checks_compare_two_runs_on_the_same_images():
   assert got["state"].startswith("no per-image masks")
 
 
+def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
+  name = lambda row: paper.run_name(paper.build_config(row, "cpu"))
+  t7 = paper.table("VII")
+  trend = t7.trends[0]  # ResNet20 tnn: natural more channel-sparse than PGD-AT (paper 11.16 - 2.55)
+  assert (trend.larger.loss, trend.smaller.loss, trend.column) == ("natural", "at", "channel_sparsity")
+  results = {}
+  for row, value in ((trend.larger, 0.10), (trend.smaller, 0.025)):
+    res = _fake_results(paper.build_config(row, "cpu"), 0.9, 0.5)
+    res["efficiency"]["sparsity_paper_counting"]["total/in_channel_sparsity"] = value
+    results[name(row)] = res
+  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  assert len(got) == len(t7.trends) == 12
+  assert got[0]["paper"] == pytest.approx(11.16 - 2.55) and got[0]["ours"] == pytest.approx(7.5)
+  assert got[0]["verdict"] == "holds" and all(t["state"] == "pending" for t in got[1:])
+  t4 = paper.table("IV")  # M decreases with n: En1 above En2 (paper 0.2762 - 0.2399); ours reversed
+  results = {}
+  for row, m in zip(t4.rows[:2], (0.20, 0.25)):
+    results[name(row)] = dict(_fake_results(paper.build_config(row, "cpu"), 0.9, 0.5), m_bound=m)
+  rows = reports.table_rows(t4, "cpu", results, {})
+  got = reports.trend_rows(t4, "cpu", rows)
+  assert got[0]["verdict"] == "reversed" and got[0]["ours"] == pytest.approx(-0.05)
+  md = reports.table_markdown(t4, "cpu", rows, [], got)
+  assert "| M of En1ResNet20 above En2ResNet20 | +0.0363 | -0.0500 | reversed |" in md
+
+
 def test_results_md_counts_channels_as_the_paper():
   # The paper counts zero *input* channels of the 3x3 convs (its ResNet20 has 627); 1x1 shortcuts are out.
   k1 = np.ones((1, 3, 3, 2, 4), np.float32)
