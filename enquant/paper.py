@@ -367,7 +367,10 @@ def _add_checks() -> None:
        for d in (20, 56) for b in (2, 4) for z in (0.0, 0.1)]
       + [Trend(f"(6) more channel-sparse than PGD-AT, {label(vii[d, 0.1, b, 'tradeoff'])}",
                vii[d, 0.1, b, "tradeoff"], vii[d, 0.1, b, "at"], "channel_sparsity")
-         for d in (20, 56) for b in (2, 4)]))
+         for d in (20, 56) for b in (2, 4)]
+      + [Trend(f"deeper more channel-sparse, {label(deep)} vs {shallow.net}, {deep.loss_label}", deep, shallow,
+               "channel_sparsity")
+         for (d, z, b, loss), deep in vii.items() if d == 56 for shallow in [vii[20, z, b, loss]]]))
 
 
 _add_checks()

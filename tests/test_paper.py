@@ -254,7 +254,7 @@ def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
     res["efficiency"]["sparsity_paper_counting"]["total/in_channel_sparsity"] = value
     results[name(row)] = res
   got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
-  assert len(got) == len(t7.trends) == 12
+  assert len(got) == len(t7.trends) == 22
   assert got[0]["paper"] == pytest.approx(11.16 - 2.55) and got[0]["ours"] == pytest.approx(7.5)
   assert got[0]["verdict"] == "holds" and all(t["state"] == "pending" for t in got[1:])
   t4 = paper.table("IV")  # M decreases with n: En1 above En2 (paper 0.2762 - 0.2399); ours reversed
