@@ -207,6 +207,11 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]],
     kinds = sorted({paper_lib.cpu_kind(r) for r in tbl.rows})
     labels = {"claim": "CIFAR/SVHN rows", "direct": "MNIST/Fashion-MNIST rows"}
     protocol = " ".join(f"*{labels[k]}:* {paper_lib.CPU_NOTES[k]}" for k in kinds)
+  cfgs = [paper_lib.build_config(r, scale) for r in tbl.rows]
+  seeds = lambda values: ", ".join(str(v) for v in sorted(set(values)))
+  protocol += (f" Seeds: training {seeds(c.train.seed for c in cfgs)} (initialisation, batches, augmentation, "
+               f"noise, training attack), evaluation {seeds(c.eval.seed for c in cfgs)}; one training run per "
+               "row.")
   lines = [f"# Table {tbl.name}: {tbl.title}", "",
            f"**Claim:** {tbl.claim}.", "", f"**Protocol:** {protocol}", "",
            "Numbers in %, except M. *paper* = the paper's value, *ours* = this run, *diff* = ours - paper. "

@@ -122,6 +122,7 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
   assert rebuild.returncode == 0, rebuild.stderr[-2000:]
   md = (out / "cpu" / "table_VIII.md").read_text()
   assert "first 30,000 training images" in md  # the reduced protocol is stated in the header
+  assert "Seeds: training 0 (" in md and "evaluation 1234; one training run per row." in md
   # MNIST BR: paper N 99.22, ours 99.00 -> diff -0.22; float: ours 98.00 vs 99.21 -> -1.21.
   assert "| 99.22 | 99.00 | -0.22 |" in md and "| 99.21 | 98.00 | -1.21 |" in md
   assert md.count("pending") >= 5 * (len(tbl.rows) - 2)
