@@ -42,7 +42,9 @@ flags.DEFINE_integer("workers", 1, "Train this many missing runs at once, each p
                      "share of the CPUs (2 on a 2-core machine: 1.2-1.5x the throughput of one process); "
                      "each worker's output goes to <run directory>.log.")
 flags.DEFINE_string("run", None, "Train only this run (a name --list prints), then exit without rebuilding "
-                    "the tables (what each --workers process does).")
+                    "the tables (what each --workers process does). A run known here only by its committed "
+                    "results is trained again (e.g. to add per-image masks), and its accuracies are compared "
+                    "with the committed ones.")
 FLAGS = flags.FLAGS
 
 
@@ -102,7 +104,8 @@ def _missing() -> list[tuple[str, str]]:
         continue
       seen.add(name)
       workdir = os.path.join(FLAGS.runs_root, FLAGS.scale, name)
-      if not _finished(_state(workdir)):
+      state = _state(workdir)
+      if not _finished(state) or (state == "committed" and FLAGS.run is not None):
         todo.append((tbl.name, workdir))
   if FLAGS.run is not None and not seen:
     raise ValueError(f"--run={FLAGS.run} is no run of table(s) {FLAGS.table} at --scale={FLAGS.scale} "
@@ -133,7 +136,26 @@ def train_missing(log=print) -> bool:
     log(f"== Table {tbl_name}: {workdir}")
     pipeline.train_and_evaluate(_with_data_dir(_config_of(workdir)), workdir, progress=FLAGS.progress,
                                 log=log)
+    _compare_with_committed(workdir, log)
   return True
+
+
+def _compare_with_committed(workdir: str, log=print) -> None:
+  """After training a run whose results were committed before: are its accuracies the committed ones?"""
+  from enquant import files  # pylint: disable=g-import-not-at-top
+  committed, path = _committed(os.path.basename(workdir)), os.path.join(workdir, "results.json")
+  if not (os.path.exists(committed) and os.path.exists(path)):
+    return
+  old, new = files.read_json(committed), files.read_json(path)
+  pick = lambda r: {"N": r.get("natural_accuracy"), **{k: v for k, v in r.get("robust", {}).get(
+      "accuracy", {}).items() if k not in ("n", "natural")}}
+  before, after = pick(old), pick(new)
+  if before == after:
+    log(f"reproduced: {os.path.basename(workdir)} gives the committed accuracies exactly ({before})")
+  else:
+    log(f"warning: {os.path.basename(workdir)} differs from its committed results: "
+        + ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in sorted(set(before) | set(after))
+                    if before.get(k) != after.get(k)))
 
 
 def _config_of(workdir: str):
