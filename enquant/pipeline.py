@@ -284,11 +284,15 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
       return None
 
     if main:
+      t_eval = time.time()
       results = final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step, progress=progress,
                               log=log, workdir=workdir)
+      # wall_seconds: this call only; train_seconds: every epoch of every call (a resumed run's too).
       results.update(config=cfg.to_dict(), model_name=cfg.model.name, num_params=n_params,
                      dataset_source=ds.source, software=software_versions(),
-                     wall_seconds=time.time() - t_start, workdir=os.path.abspath(workdir))
+                     wall_seconds=time.time() - t_start, eval_seconds=time.time() - t_eval,
+                     train_seconds=sum(r.get("epoch_seconds", 0.0) for r in results.get("history", [])),
+                     workdir=os.path.abspath(workdir))
       if (tb := summaries()) is not None:
         tb.final(tcfg.epochs, results)
       files.write_text_atomic(os.path.join(workdir, "results.md"), markdown_row(results))

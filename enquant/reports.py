@@ -50,7 +50,9 @@ def table_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
         "quant": row.quant_label, "loss": row.loss_label, "run": name, "oracle_run": oracle_name,
         "oracle": None if row.oracle is None else f"{row.oracle.net} {row.oracle.quant_label}",
         "state": "done" if done else "pending", "columns": {},
-        "wall_seconds": None if res is None else res.get("wall_seconds"),
+        "wall_seconds": None if res is None else (
+            res["train_seconds"] + res["eval_seconds"] if "train_seconds" in res and "eval_seconds" in res
+            else res.get("wall_seconds")),
         "examples_robust": None if res is None else res.get("robust", {}).get("examples"),
     }
     paper_numbers = dict(row.paper)
@@ -216,7 +218,9 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]],
            f"**Claim:** {tbl.claim}.", "", f"**Protocol:** {protocol}", "",
            "Numbers in %, except M. *paper* = the paper's value, *ours* = this run, *diff* = ours - paper. "
            "A2 = IFGSM-20 (step 0.003), A3 = CW-l_inf (50 steps, margin loss; the paper's C&W was an L2 "
-           "attack), worst = per-image worst case over every attack run at eps 0.031. " + _noise_note(tbl),
+           "attack), worst = per-image worst case over every attack run at eps 0.031. wall = every training epoch "
+           "(over all calls of a resumed run) + the final evaluation's last call (runs before stop 10: the "
+           "last call only). " + _noise_note(tbl),
            ""]
   header = ["net", "dataset", "quant", "loss"]
   if tbl.transfer:

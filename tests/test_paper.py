@@ -149,6 +149,7 @@ def test_committed_results_count_as_finished_without_their_run_directories(tmp_p
       names.append(name)
       results = _fake_results(cfg, 0.95 - 0.01 * names.index(name), 0.90)
       results["history"] = [{"epoch": e, "m_bound": 0.3 - 0.01 * e} for e in (1, 2)]
+      results.update(train_seconds=3000.0, eval_seconds=600.0)  # wall_seconds (600) is the last call's
       target = (runs / "cpu" / name / "results.json" if len(names) == 1
                 else out / "cpu" / "runs" / (name + ".json"))
       target.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +167,7 @@ def test_committed_results_count_as_finished_without_their_run_directories(tmp_p
   assert "== Table" not in full.stdout
   rows = json.loads((out / "cpu" / "table_VIII.json").read_text())["rows"]
   assert len(rows) == len(tbl.rows) and all(r["state"] == "done" for r in rows)
+  assert all(r["wall_seconds"] == 3600.0 for r in rows)  # training over every call + the evaluation
   second = next(r for r in rows if r["run"] == names[1])
   assert second["columns"]["N"]["ours"] == pytest.approx(94.0)  # read from the committed file
   assert not (runs / "cpu" / names[1]).exists()  # and no run directory was made for it

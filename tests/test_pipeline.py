@@ -83,6 +83,8 @@ def test_run_directory_holds_results_tables_figures_and_a_packed_model(ternary_r
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert all("m_bound" in r and "weight_sparsity" in r for r in rows)
   assert saved["history"] == rows  # the results file alone redraws the per-epoch curves
+  assert saved["train_seconds"] == pytest.approx(sum(r["epoch_seconds"] for r in rows))
+  assert 0 < saved["eval_seconds"] <= saved["wall_seconds"]
   table = open(os.path.join(workdir, "results.md")).read()
   assert "| N | A1 |" in table and f"{100 * results['natural_accuracy']:.2f}%" in table
   # The packed file restores exactly the evaluated P(w).
