@@ -73,6 +73,27 @@ def table_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
   return out
 
 
+def accuracies(results: dict) -> dict[str, float]:
+  """A run's headline accuracies from its ``results.json``: ``N`` and every attack (not the counts)."""
+  robust = results.get("robust", {}).get("accuracy", {})
+  return {"N": results.get("natural_accuracy"),
+          **{k: v for k, v in robust.items() if k not in ("n", "natural")}}
+
+
+def reproduction_report(name: str, committed: dict, rerun: dict) -> str:
+  """One line: does a retrained run give its committed accuracies exactly, and if not, what moved (points)."""
+  before, after = accuracies(committed), accuracies(rerun)
+  if before == after:
+    return f"reproduced: {name} gives the committed accuracies exactly ({before})"
+  moved = []
+  for k in sorted(set(before) | set(after)):
+    b, a = before.get(k), after.get(k)
+    if b != a:
+      delta = f" ({100 * (a - b):+.2f})" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else ""
+      moved.append(f"{k} {b} -> {a}{delta}")
+  return f"warning: {name} differs from its committed results: " + ", ".join(moved)
+
+
 def paired_difference(better, worse) -> dict[str, float]:
   """``better - worse`` accuracy (points) from per-image correctness on the same images, with the 95 %
   interval of the mean of the per-image differences (normal approximation; McNemar's setting).
@@ -253,4 +274,4 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]],
   return "\n".join(lines)
 
 
-__all__ = ["check_rows", "paired_difference", "table_markdown", "table_rows", "trend_rows"]
+__all__ = ["accuracies", "check_rows", "paired_difference", "reproduction_report", "table_markdown", "table_rows", "trend_rows"]

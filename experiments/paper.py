@@ -142,20 +142,11 @@ def train_missing(log=print) -> bool:
 
 def _compare_with_committed(workdir: str, log=print) -> None:
   """After training a run whose results were committed before: are its accuracies the committed ones?"""
-  from enquant import files  # pylint: disable=g-import-not-at-top
+  from enquant import files, reports  # pylint: disable=g-import-not-at-top
   committed, path = _committed(os.path.basename(workdir)), os.path.join(workdir, "results.json")
-  if not (os.path.exists(committed) and os.path.exists(path)):
-    return
-  old, new = files.read_json(committed), files.read_json(path)
-  pick = lambda r: {"N": r.get("natural_accuracy"), **{k: v for k, v in r.get("robust", {}).get(
-      "accuracy", {}).items() if k not in ("n", "natural")}}
-  before, after = pick(old), pick(new)
-  if before == after:
-    log(f"reproduced: {os.path.basename(workdir)} gives the committed accuracies exactly ({before})")
-  else:
-    log(f"warning: {os.path.basename(workdir)} differs from its committed results: "
-        + ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in sorted(set(before) | set(after))
-                    if before.get(k) != after.get(k)))
+  if os.path.exists(committed) and os.path.exists(path):
+    log(reports.reproduction_report(os.path.basename(workdir), files.read_json(committed),
+                                    files.read_json(path)))
 
 
 def _config_of(workdir: str):

@@ -195,6 +195,20 @@ def test_paired_difference_matches_the_closed_form_and_reads_the_interval():
     reports.paired_difference(first, second[:50])
 
 
+def test_reproduction_report_names_what_moved_in_points():
+  committed = {"natural_accuracy": 0.8244, "robust": {"accuracy": {"n": 1000, "natural": 0.83, "A1": 0.76,
+                                                                    "A2": 0.758}}}
+  same = json.loads(json.dumps(committed))
+  assert reports.reproduction_report("r", committed, same).startswith("reproduced: r ")
+  rerun = json.loads(json.dumps(committed))
+  rerun["natural_accuracy"], rerun["robust"]["accuracy"]["A1"] = 0.8262, 0.765
+  rerun["robust"]["accuracy"]["n"] = 999  # counts are not accuracies: never reported
+  line = reports.reproduction_report("r", committed, rerun)
+  assert line == "warning: r differs from its committed results: A1 0.76 -> 0.765 (+0.50), N 0.8244 -> 0.8262 (+0.18)"
+  del rerun["robust"]["accuracy"]["A2"]  # an attack the rerun lacks is named too
+  assert "A2 0.758 -> None" in reports.reproduction_report("r", committed, rerun)
+
+
 def test_masks_are_packed_compactly_and_unpacked_exactly():
   mask = np.random.default_rng(0).random(1001) < 0.7
   packed = evalfiles.pack_mask(mask)
