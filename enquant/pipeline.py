@@ -477,12 +477,19 @@ def final_results(cfg, model, state, ds, *, mesh, eval_step, progress, log, work
   return results
 
 
-def figure_examples(cfg, model, variables, ds, path: str, count: int = 8) -> None:
-  """Fig. 1-style PNG for the strongest single-sample attack of the evaluation on the first images."""
+def example_spec(cfg: ExperimentConfig, kind: str = "pgd"):
+  """The attack a Fig. 1-style picture shows: the evaluation's first single-sample attack of ``kind``, else
+  its first single-sample attack, else None."""
   specs = [s for s in eval_specs(cfg) if s.kind != "none" and s.eot_samples == 1]
-  if not specs:
+  return next((s for s in specs if s.kind == kind), specs[0] if specs else None)
+
+
+def figure_examples(cfg, model, variables, ds, path: str, count: int = 8, kind: str = "pgd") -> None:
+  """Fig. 1-style PNG on the first test images for the evaluation's first single-sample attack of ``kind``
+  (the paper's Fig. 1: ``"fgsm"``), or its first attack when it has none of that kind."""
+  spec = example_spec(cfg, kind)
+  if spec is None:
     return
-  spec = next((s for s in specs if s.kind == "pgd"), specs[0])
   x = data_lib.to_float(ds.test_images[:count])
   y = jax.numpy.asarray(ds.test_labels[:count])
   key = jax.random.PRNGKey(cfg.eval.seed)

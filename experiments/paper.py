@@ -285,8 +285,8 @@ def _kernel_panels(workdir: str, count: int = 4, channels: bool = False):
 
 
 def figures(log=print) -> None:
-  """Figs. 3-7 from finished runs (each drawn once its runs exist)."""
-  from enquant import data as data_lib, paper, plots  # pylint: disable=g-import-not-at-top
+  """Figs. 1 and 3-7 from finished runs (each drawn once its runs exist)."""
+  from enquant import data as data_lib, paper, pipeline, plots  # pylint: disable=g-import-not-at-top
   runs_dir = os.path.join(FLAGS.runs_root, FLAGS.scale)
   out_dir = os.path.join(FLAGS.results_root, FLAGS.scale)
 
@@ -314,6 +314,14 @@ def figures(log=print) -> None:
                 for d, r in found}
       plots.kernels(os.path.join(out_dir, name), panels, title=title + f" ({FLAGS.scale} scale)")
       log(f"figure -> {out_dir}/{name}")
+  # Fig. 1: FGSM on the paper's naturally trained ResNet56 (here the nearest run: Table VII's ternary one).
+  fig1, row = run_dir("VII", depth=56, noise=0.0, bits=2, loss="natural")
+  if fig1 is not None:
+    cfg, model, variables, _ = pipeline.load_run(fig1, data_dir=FLAGS.data_dir, log=lambda *_: None)
+    ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source, max_train=1)
+    path = os.path.join(out_dir, "fig1_fgsm_examples.png")
+    pipeline.figure_examples(cfg, model, variables, ds, path, kind="fgsm")
+    log(f"figure -> {path} ({row.net} {row.quant_label} {row.loss_label})")
   for dataset in ("fmnist", "svhn"):  # Fig. 7: a mini-batch of each dataset we can read
     try:
       ds = data_lib.load(dataset, FLAGS.data_dir, max_train=32, max_test=1)

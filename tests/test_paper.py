@@ -1,5 +1,6 @@
 """The paper's protocol and tables as data: presets, CLI defaults, table rebuild, the paper's counting."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -313,6 +314,17 @@ def test_svhn_trains_without_flips_and_digits_without_crops():
   forced = forced.__class__(**{**forced.__dict__, "train": forced.train.__class__(
       **{**forced.train.__dict__, "flip": True})})
   assert config_lib.augmentation(forced, 32) == (True, True)
+
+
+def test_fig1_shows_fgsm_and_falls_back_to_the_first_attack():
+  cfg = paper.build_config(_row("VII", depth=56, noise=0.0, bits=2, loss="natural"), "cpu")
+  spec = pipeline.example_spec(cfg, "fgsm")
+  assert (spec.kind, spec.eps, spec.eot_samples) == ("fgsm", 0.031, 1)
+  assert pipeline.example_spec(cfg).kind == "pgd"  # the per-run picture: IFGSM
+  only_cw = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, attacks="a3"))
+  assert pipeline.example_spec(only_cw, "fgsm").kind == "cw"
+  none = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, attacks="none"))
+  assert pipeline.example_spec(none, "fgsm") is None
 
 
 def test_kernel_figures_pick_a_stage_one_block_that_exists():
