@@ -62,11 +62,11 @@ def table_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
       entry["columns"][column] = {
           "paper": theirs, "ours": ours,
           "diff": None if ours is None or theirs is None else ours - theirs}
-    if done:
-      entry["worst_case"] = None if transfer is not None else (
-          100 * res["robust"]["accuracy_worst_case"] if "accuracy_worst_case" in res.get("robust", {})
-          else None)
-      extra = {k: 100 * v for k, v in res.get("robust", {}).get("accuracy", {}).items()
+    if done:  # a transfer row's worst case and other attacks are the transfer's, not the white-box ones
+      robust = transfer if transfer is not None else res.get("robust", {})
+      entry["worst_case"] = (100 * robust["accuracy_worst_case"] if "accuracy_worst_case" in robust
+                             else None)
+      extra = {k: 100 * v for k, v in robust.get("accuracy", {}).items()
                if k not in ("natural", "n", *tbl.columns)}
       entry["extra_attacks"] = extra
     out.append(entry)

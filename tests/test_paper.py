@@ -256,6 +256,13 @@ def test_claim_checks_compare_two_runs_on_the_same_images():
              oracle: _fake_results(paper.build_config(check.better.oracle, "cpu"), 0.8, 0.7)}
   got = reports.check_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
   assert got["verdict"] == "holds" and set(got["columns"]) == {"A1", "A2", "A3"}
+  # The transfer row shows the transfer's worst case and other attacks, not the white-box ones.
+  results[target]["robust"].update(accuracy_worst_case=0.1)
+  results[target]["robust"]["accuracy"]["A2-eot5"] = 0.2
+  transfer.update(accuracy_worst_case=0.6, accuracy={**transfer["accuracy"], "A2-eot5": 0.65})
+  row = reports.table_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
+  assert row["state"] == "done" and row["worst_case"] == pytest.approx(60.0)
+  assert row["extra_attacks"] == {"A2-eot5": pytest.approx(65.0)}
   del results[target]["robust"]["masks"]
   got = reports.check_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
   assert got["state"].startswith("no per-image masks")
