@@ -524,6 +524,8 @@ def markdown_row(results: dict[str, Any]) -> str:
   if "total/in_channel_sparsity" in paper:  # the paper's count: input channels of the 3x3 convs
     cols["channel sparsity (paper)"] = (f"{100 * paper['total/in_channel_sparsity']:.2f}% "
                                         f"({paper['total/zero_in_channels']:.0f}/{paper['total/in_channels']:.0f})")
+  if "total/zero_dispersion" in paper:  # 1: zeros scattered; 9 x out-channels: whole zero channels
+    cols["zero dispersion (3x3)"] = f"{paper['total/zero_dispersion']:.2f}"
   if "m_bound" in results:
     cols["M (all / 3x3)"] = f"{results['m_bound']:.4f} / {results['m_bound_3x3']:.4f}"
   if "packed" in eff:

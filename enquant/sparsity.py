@@ -90,11 +90,14 @@ def weight_report(params, mask: MaskOrFn | None = None) -> dict[str, float]:
   ``<path>/zeros``, ``<path>/size``, ``<path>/weight_sparsity`` (= zeros / size);
   ``<path>/channels``, ``<path>/zero_channels``, ``<path>/channel_sparsity`` (output channels, see the
   module docstring); ``<path>/in_channels``, ``<path>/zero_in_channels``, ``<path>/in_channel_sparsity``
-  (input channels, the paper's count); ``<path>/mean_abs`` (the largest member's mean ``|w|``).
+  (input channels, the paper's count); ``<path>/mean_abs`` (the largest member's mean ``|w|``);
+  ``<path>/zero_dispersion`` (:func:`zero_dispersion` over the layer's input channels).
 
   Totals: ``total/zero_weights``, ``total/conv_weights``, ``total/weight_sparsity``,
   ``total/zero_channels``, ``total/channels``, ``total/channel_sparsity``, ``total/zero_in_channels``,
-  ``total/in_channels``, ``total/in_channel_sparsity``, ``total/m_bound`` (:func:`m_bound`).
+  ``total/in_channels``, ``total/in_channel_sparsity``, ``total/m_bound`` (:func:`m_bound`),
+  ``total/zero_dispersion`` (pooled over the layers: the mean of every input channel's standardised squared
+  deviation, over the layers that have both zero and nonzero weights).
 
   Args:
     params: a parameter pytree (stacked ensembles: leading member axis).
@@ -106,9 +109,11 @@ def weight_report(params, mask: MaskOrFn | None = None) -> dict[str, float]:
   report: dict[str, float] = {}
   totals = dict(zero_weights=0, conv_weights=0, zero_channels=0, channels=0, zero_in_channels=0,
                 in_channels=0)
-  bound = 0.0
+  bound, chi2, dispersed_channels = 0.0, 0.0, 0
   for name, w in conv_kernels(params, mask).items():
     is_zero = w == 0
+    layer_chi2, layer_channels = _zero_chi2(is_zero)
+    chi2, dispersed_channels = chi2 + layer_chi2, dispersed_channels + layer_channels
     zeros, size = int(is_zero.sum()), int(w.size)
     zero_out = int(is_zero.all(axis=(1, 2, 3)).sum())  # (members, O)
     zero_in = int(is_zero.all(axis=(1, 2, 4)).sum())  # (members, I)
@@ -125,6 +130,7 @@ def weight_report(params, mask: MaskOrFn | None = None) -> dict[str, float]:
         f"{name}/zero_in_channels": zero_in,
         f"{name}/in_channel_sparsity": zero_in / in_channels if in_channels else 0.0,
         f"{name}/mean_abs": mean_abs,
+        f"{name}/zero_dispersion": layer_chi2 / layer_channels if layer_channels else 0.0,
     })
     totals["zero_weights"] += zeros
     totals["conv_weights"] += size
@@ -142,7 +148,32 @@ def weight_report(params, mask: MaskOrFn | None = None) -> dict[str, float]:
   report["total/channel_sparsity"] = ratio("zero_channels", "channels")
   report["total/in_channel_sparsity"] = ratio("zero_in_channels", "in_channels")
   report["total/m_bound"] = bound
+  report["total/zero_dispersion"] = chi2 / dispersed_channels if dispersed_channels else 0.0
   return report
+
+
+def _zero_chi2(is_zero: np.ndarray) -> tuple[float, int]:
+  """``(sum over input channels of ((f_c - p)^2 / (p (1 - p) / k)), number of channels)`` of one stacked
+  kernel ``(members, H, W, I, O)``: ``f_c`` the zero fraction of input channel ``c`` (its ``k = H W O``
+  weights, per member), ``p`` the layer's zero fraction. ``(0.0, 0)`` when ``p`` is 0 or 1."""
+  k = is_zero.shape[1] * is_zero.shape[2] * is_zero.shape[4]
+  p = float(is_zero.mean())
+  if p in (0.0, 1.0) or k == 0:
+    return 0.0, 0
+  f = is_zero.mean(axis=(1, 2, 4), dtype=np.float64)  # (members, I)
+  return float(((f - p) ** 2).sum() * k / (p * (1.0 - p))), int(f.size)
+
+
+def zero_dispersion(params, mask: MaskOrFn | None = None) -> float:
+  """How much the zero weights crowd into some input channels: ``total/zero_dispersion`` of
+  :func:`weight_report`, the dispersion index of the channels' zero fractions against the binomial.
+
+  1 (in expectation, up to ``(C - 1) / C``) when every weight of a layer is zero independently with the
+  layer's rate ``p`` (unstructured sparsity); ``k = H W O`` when each channel is either all zero or has no
+  zero (fully structured: whole zero channels). A graded measure of the structure the paper's channel
+  sparsity counts only once whole channels are zero. 0.0 when no layer has both zero and nonzero weights.
+  """
+  return weight_report(params, mask)["total/zero_dispersion"]
 
 
 def m_bound(params, mask: MaskOrFn | None = None) -> float:

@@ -212,6 +212,24 @@ def add_masks(log=print) -> None:
     files.remove_if_exists(progress_path)
 
 
+def _add_structure(workdir: str, results: dict, log=print) -> dict:
+  """``results`` with ``total/zero_dispersion`` in its paper-counted sparsity, computed from the run's model
+  (and written back to its ``results.json``) when it was trained before the index existed."""
+  from enquant import files, pipeline, sparsity  # pylint: disable=g-import-not-at-top
+  counted = results.get("efficiency", {}).get("sparsity_paper_counting")
+  if counted is None or "total/zero_dispersion" in counted:
+    return results
+  try:
+    _, _, variables, _ = pipeline.load_run(workdir, data_dir=FLAGS.data_dir, log=lambda *_: None)
+  except (FileNotFoundError, ValueError) as e:  # no usable checkpoint: the column stays empty for this run
+    log(f"zero dispersion of {os.path.basename(workdir)} not added: {e}")
+    return results
+  counted["total/zero_dispersion"] = sparsity.zero_dispersion(variables["params"], sparsity.spatial_conv_mask)
+  files.write_json_atomic(os.path.join(workdir, "results.json"), results)
+  log(f"zero dispersion of {os.path.basename(workdir)}: {counted['total/zero_dispersion']:.2f} (added)")
+  return results
+
+
 def _portable(results: dict) -> dict:
   """A run's results as committed under ``results/``: its machine's absolute paths made relative to the cwd."""
   return {k: os.path.relpath(v) if k in ("workdir", "dataset_source") and isinstance(v, str)
@@ -236,6 +254,8 @@ def rebuild_tables(log=print, transfers: bool = True) -> None:
       path = os.path.join(runs_dir, name, "results.json")
       if os.path.exists(path):
         results[name] = files.read_json(path)
+        if "zero_dispersion" in tbl.columns:
+          results[name] = _add_structure(os.path.join(runs_dir, name), results[name], log=log)
         files.write_json_atomic(os.path.join(out_dir, "runs", name + ".json"), _portable(results[name]))
       elif os.path.exists(_committed(name)):  # the run directory is on another machine
         results[name] = files.read_json(_committed(name))

@@ -279,9 +279,21 @@ def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
     res["efficiency"]["sparsity_paper_counting"]["total/in_channel_sparsity"] = value
     results[name(row)] = res
   got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
-  assert len(got) == len(t7.trends) == 22
+  assert len(got) == len(t7.trends) == 22 + 12
   assert got[0]["paper"] == pytest.approx(11.16 - 2.55) and got[0]["ours"] == pytest.approx(7.5)
   assert got[0]["verdict"] == "holds" and all(t["state"] == "pending" for t in got[1:])
+  # The same two runs on the graded structure index, which the paper does not report.
+  twin = next(i for i, t in enumerate(t7.trends) if t.column == "zero_dispersion")
+  assert (t7.trends[twin].larger, t7.trends[twin].smaller) == (trend.larger, trend.smaller)
+  for row, d in ((trend.larger, 1.5), (trend.smaller, 2.25)):
+    results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/zero_dispersion"] = d
+  rows = reports.table_rows(t7, "cpu", results, {})
+  assert rows[0]["columns"]["zero_dispersion"] == {"paper": None, "ours": 1.5, "diff": None}
+  got = reports.trend_rows(t7, "cpu", rows)
+  assert got[twin]["paper"] is None and got[twin]["ours"] == pytest.approx(-0.75)
+  assert got[twin]["verdict"] == "reversed"
+  md = reports.table_markdown(t7, "cpu", rows, [], got)
+  assert f"| {t7.trends[twin].label} | - | -0.75 | reversed |" in md
   t4 = paper.table("IV")  # M decreases with n: En1 above En2 (paper 0.2762 - 0.2399); ours reversed
   results = {}
   for row, m in zip(t4.rows[:2], (0.20, 0.25)):

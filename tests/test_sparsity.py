@@ -42,6 +42,27 @@ def test_weight_report_counts_on_a_hand_made_tree():
   assert r["total/channel_sparsity"] == pytest.approx(3 / 5)
   assert (r["total/zero_in_channels"], r["total/in_channels"]) == (0, 3)
   assert r["total/m_bound"] == pytest.approx(max(3.0 / 6, 3.0 / 18))
+  # Every input channel has its layer's zero fraction (a: 2/3 and 2/3; b: one channel): no dispersion.
+  assert r["a/kernel/zero_dispersion"] == r["total/zero_dispersion"] == 0.0
+
+
+def test_zero_dispersion_is_one_for_independent_zeros_and_k_for_whole_zero_channels():
+  # By hand: H = W = 1, 2 input channels x 2 outputs; zeros (1, 0) and (1, 1): k = 2, p = 3/4, f = (1/2, 1).
+  w = np.array([[0.0, 1.0], [0.0, 0.0]], np.float32).reshape(1, 1, 2, 2)
+  expected = ((0.5 - 0.75) ** 2 + (1 - 0.75) ** 2) * 2 / (0.75 * 0.25) / 2
+  assert sparsity.zero_dispersion({"c": {"kernel": w}}) == pytest.approx(expected)  # 2/3
+  rng = np.random.default_rng(0)
+  shape = (2, 3, 3, 64, 32)  # stacked: 2 members, 128 input channels of k = 288 weights
+  iid = np.where(rng.random(shape) < 0.4, 0.0, 1.0).astype(np.float32)
+  assert sparsity.zero_dispersion({"c": {"kernel": iid}}) == pytest.approx(1.0, abs=0.4)  # sd ~ 0.125
+  whole = np.ones(shape, np.float32)
+  whole[:, :, :, rng.random(64) < 0.3, :] = 0.0  # whole input channels zero, the others without a zero
+  r = sparsity.weight_report({"c": {"kernel": whole}, "d": {"kernel": iid}})
+  assert r["c/kernel/zero_dispersion"] == pytest.approx(3 * 3 * 32)  # k: fully structured
+  assert r["total/zero_dispersion"] == pytest.approx((r["c/kernel/zero_dispersion"]
+                                                       + r["d/kernel/zero_dispersion"]) / 2)  # 128 channels each
+  no_zeros = {"c": {"kernel": np.ones(shape, np.float32)}}  # binary weights: nothing to disperse
+  assert sparsity.zero_dispersion(no_zeros) == 0.0
 
 
 def test_weight_report_counts_every_member_of_a_stacked_tree():
