@@ -4,10 +4,10 @@
     python -m benchmarks.throughput --models=1,2 --cases=natural,at10 --torch   # PyTorch eager side by side
     python -m benchmarks.throughput --suite=paper                     # CIFAR-shaped paper runs, projections
 
-Prints images/second (median of --rounds timed rounds of --steps steps, after a compile/warm-up call; compile ~ first call minus one timed step), the
-ratio to the baseline measured in the same run (the first row; with --torch, each row's PyTorch eager twin,
-timed in interleaved rounds), the achieved GFLOP/s and, with --suite=paper, the time per epoch and of a
-200-epoch run. FLOPs per image are counted from the network's multiply-adds (F = one forward of all
+Prints images/second (median of --rounds timed rounds of --steps steps, after a compile/warm-up call; the
+compile time is estimated as that first call minus one timed step), the ratio to the baseline measured in the
+same run (the first row; with --torch, each row's PyTorch eager twin, timed in interleaved rounds), the
+achieved GFLOP/s and, with --suite=paper, the time per epoch and of a 200-epoch run. FLOPs per image are counted from the network's multiply-adds (F = one forward of all
 members): a training forward+backward 3F, one attack step (forward + input gradient) 2F; so natural = 3F,
 at<K> = (2K + 3)F, tradeoff<K> = (2K + 6)F, pgd<K>-eval = 2KF.
 Writes the rows as JSON with --out.
@@ -129,7 +129,8 @@ def main(argv):
       gflops = ips * forward_flops * _flop_factor(case) / 1e9
       step_s = statistics.median(jax_t) / FLAGS.steps
       row = dict(model=mcfg.name, case=case, images_per_second=ips, gflops_per_second=gflops,
-                 first_call_seconds=compile_s, compile_seconds=max(0.0, compile_s - step_s), batch=FLAGS.batch, shape=shape, device=device,
+                 first_call_seconds=compile_s, compile_seconds=max(0.0, compile_s - step_s),
+                 batch=FLAGS.batch, shape=shape, device=device,
                  compute_dtype=FLAGS.compute_dtype, conv_grad=FLAGS.conv_grad, noise_rng=FLAGS.noise_rng,
                  forward_flops_per_image=forward_flops)
       if torch_t:

@@ -178,8 +178,8 @@ def trend_rows(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]]) -> 
 def _trends_markdown(trends: list[dict[str, Any]]) -> list[str]:
   lines = ["## Trends on our runs", "",
            "The first row's number minus the second's (points of sparsity, M, or zero dispersion), the "
-           "paper's and ours. One "
-           "run each, so there is no interval: a difference of a few tenths of a point may be seed noise.", "",
+           "paper's and ours. One run each, so there is no interval: a difference of a few tenths of a point "
+           "may be seed noise.", "",
            "| trend | paper | ours | verdict |", "|---|---|---|---|"]
   for t in trends:
     fmt = (lambda v: "-" if v is None else f"{v:+.4f}") if t["column"] == "M" else (
@@ -241,7 +241,8 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]],
            f"**Claim:** {tbl.claim}.", "", f"**Protocol:** {protocol}", "",
            "Numbers in %, except M and zero_dispersion (the dispersion index of the input channels' zero "
            "fractions of the 3x3 kernels: 1 = zeros scattered independently, 9 x out-channels = whole zero "
-           "channels; the paper has no such number). *paper* = the paper's value, *ours* = this run, *diff* = ours - paper. "
+           "channels; the paper has no such number). *paper* = the paper's value, *ours* = this run, "
+           "*diff* = ours - paper. "
            "A2 = IFGSM-20 (step 0.003), A3 = CW-l_inf (50 steps, margin loss; the paper's C&W was an L2 "
            "attack), worst = per-image worst case over every attack run at eps 0.031. wall = every training epoch "
            "(over all calls of a resumed run) + the final evaluation's last call (runs before stop 10: the "
@@ -277,4 +278,5 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]],
   return "\n".join(lines)
 
 
-__all__ = ["accuracies", "check_rows", "paired_difference", "reproduction_report", "table_markdown", "table_rows", "trend_rows"]
+__all__ = ["accuracies", "check_rows", "paired_difference", "reproduction_report", "table_markdown",
+           "table_rows", "trend_rows"]

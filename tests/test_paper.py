@@ -205,7 +205,8 @@ def test_reproduction_report_names_what_moved_in_points():
   rerun["natural_accuracy"], rerun["robust"]["accuracy"]["A1"] = 0.8262, 0.765
   rerun["robust"]["accuracy"]["n"] = 999  # counts are not accuracies: never reported
   line = reports.reproduction_report("r", committed, rerun)
-  assert line == "warning: r differs from its committed results: A1 0.76 -> 0.765 (+0.50), N 0.8244 -> 0.8262 (+0.18)"
+  assert line == ("warning: r differs from its committed results: A1 0.76 -> 0.765 (+0.50), "
+                  "N 0.8244 -> 0.8262 (+0.18)")
   del rerun["robust"]["accuracy"]["A2"]  # an attack the rerun lacks is named too
   assert "A2 0.758 -> None" in reports.reproduction_report("r", committed, rerun)
 
