@@ -15,10 +15,7 @@ uint8 images in NHWC layout and int32 labels from one of three sources:
     ``.tar.gz`` archives); fine labels are used.
   - SVHN: ``train_32x32.mat`` and ``test_32x32.mat`` (label 10 is the digit 0 and becomes 0).
 
-  The python versions of CIFAR are pickles. They are read with a restricted unpickler that executes no
-  code: it resolves only the four numpy names needed to rebuild a numpy array (see
-  :data:`_PICKLE_ALLOWED_GLOBALS`) and refuses every other global, so a malicious file raises instead of
-  running anything.
+  The readers live in :mod:`enquant.datafiles` (CIFAR's python pickles are read without running code).
 
 * ``"tfds"``: TensorFlow Datasets (imported lazily), in TFDS's data directory: ``data_dir`` when given,
   else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets`` (:func:`tfds_data_dir`). With TensorFlow
@@ -57,24 +54,21 @@ References:
 
 import dataclasses
 import functools
-import gzip
 import importlib.resources
 import importlib.util
-import io
 import os
 import pathlib
-import pickle
-import tarfile
-import zlib
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from enquant import datafiles
+
 SOURCES = ("auto", "local", "tfds", "embedded")
-ENV_DATA_DIR = "ENQUANT_DATA_DIR"
+ENV_DATA_DIR = datafiles.ENV_DATA_DIR
 ENV_TFDS_DATA_DIR = "TFDS_DATA_DIR"
 _TFDS_DEFAULT_DIR = pathlib.Path("~/tensorflow_datasets")
 _TFDS_INSTALL = "pip install 'enquant[tfds]' (TensorFlow)"
@@ -192,29 +186,6 @@ def default_data_dir() -> pathlib.Path:
   return _HOME_DATA_DIR.expanduser()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Errors.
-
-
-class _LocalFilesMissing(FileNotFoundError):
-  """No complete set of local files: ``source="auto"`` may fall back to TFDS."""
-
-
-def _missing_error(info: DatasetInfo, roots: list[pathlib.Path], expected: list[str],
-                   incomplete: list[str]) -> _LocalFilesMissing:
-  lines = [f"no local copy of {info.name!r} found.",
-           "  Looked in: " + ", ".join(str(r) for r in roots),
-           "  Expected one of:"]
-  lines += [f"    {e}" for e in expected]
-  if incomplete:
-    lines.append("  Incomplete copies:")
-    lines += [f"    {i}" for i in incomplete]
-  lines.append(f"  Pass --data_dir=DIR (Python: data_dir=DIR) or set ${ENV_DATA_DIR}, or use "
-               "--data_source=tfds" + (" or --data_source=embedded (the bundled 5000/1000 MNIST sample)."
-                                        if info.name == "mnist" else "."))
-  return _LocalFilesMissing("\n".join(lines))
-
-
 def has_local_copy(name: str, data_dir: str | os.PathLike | None = None) -> bool:
   """Whether :func:`load` finds a complete set of official files for ``name`` (nothing is parsed).
 
@@ -222,364 +193,8 @@ def has_local_copy(name: str, data_dir: str | os.PathLike | None = None) -> bool
     name: one of :data:`DATASETS`.
     data_dir: as in :func:`load` (``None``: :func:`default_data_dir`).
   """
-  info = DATASETS[name]
   root = pathlib.Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-  roots = _roots(info, root)
-  if name in ("mnist", "fmnist"):
-    return _find_idx(info, roots)[0] is not None
-  if name in _CIFAR_LAYOUTS:
-    return _find_cifar(_CIFAR_LAYOUTS[name], roots)[0] is not None
-  return any(all((r / n).is_file() for n in _SVHN_FILES) for r in roots)
-
-
-def _check_labels(labels: np.ndarray, low: int, high: int, what: str) -> None:
-  """Raises ValueError naming `what` if a label lies outside ``[low, high]``."""
-  if labels.size:
-    bad = labels[(labels < low) | (labels > high)]
-    if bad.size:
-      raise ValueError(f"{what}: label {int(bad[0])} is outside [{low}, {high}] "
-                       f"({bad.size} bad labels)")
-
-
-def _check_split(images: np.ndarray, labels: np.ndarray, info: DatasetInfo, what: str) -> None:
-  if images.shape[1:] != info.image_shape:
-    raise ValueError(f"{what}: images have shape {images.shape[1:]}, expected {info.image_shape} "
-                     f"for {info.name}")
-  if images.shape[0] != labels.shape[0]:
-    raise ValueError(f"{what}: {images.shape[0]} images but {labels.shape[0]} labels")
-  _check_labels(labels, 0, info.num_classes - 1, what)
-
-
-def _roots(info: DatasetInfo, data_dir: pathlib.Path) -> list[pathlib.Path]:
-  return [data_dir / s for s in info.subdirs] + [data_dir]
-
-
-# ----------------------------------------------------------------------------------------------------
-# MNIST / Fashion-MNIST: IDX files.
-
-_IDX_UBYTE = 0x08
-_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
-_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
-_IDX_FILES = {  # role -> accepted file names, in order of preference
-    "train_images": ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte", "train-images.idx3-ubyte"),
-    "train_labels": ("train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
-    "test_images": ("t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
-    "test_labels": ("t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
-}
-
-
-def _read_maybe_gzip(path: pathlib.Path) -> bytes:
-  """File contents, gunzipped when the file starts with the gzip magic bytes (not by extension)."""
-  raw = path.read_bytes()
-  if raw[:2] != b"\x1f\x8b":
-    return raw
-  try:
-    return gzip.decompress(raw)
-  except (OSError, EOFError, zlib.error) as e:
-    raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from e
-
-
-def _parse_idx(buf: bytes, what: str, *, magic: int) -> np.ndarray:
-  """Parses an unsigned-byte IDX file (the MNIST format) into a uint8 array.
-
-  Args:
-    buf: the (decompressed) file contents.
-    what: the file's name, used in error messages.
-    magic: the expected magic number (2051 for 3-d images, 2049 for 1-d labels).
-
-  Returns:
-    The uint8 array with the dimensions from the header.
-
-  Raises:
-    ValueError: wrong magic number, or a size that does not match the header (truncated or padded).
-  """
-  if len(buf) < 4:
-    raise ValueError(f"{what}: {len(buf)} bytes, too short for an IDX header")
-  found = int.from_bytes(buf[:4], "big")
-  if found != magic:
-    raise ValueError(f"{what}: IDX magic number {found} (0x{found:08x}), expected {magic} "
-                     f"(0x{magic:08x}); not an unsigned-byte IDX file of the right kind")
-  ndim = buf[3]
-  header = 4 + 4 * ndim
-  if len(buf) < header:
-    raise ValueError(f"{what}: truncated IDX header ({len(buf)} bytes)")
-  dims = tuple(int.from_bytes(buf[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-  expected = header + int(np.prod(dims, dtype=np.int64))
-  if len(buf) != expected:
-    raise ValueError(f"{what}: {len(buf)} bytes, but the header's dimensions {dims} need {expected} "
-                     "(truncated or corrupt file)")
-  return np.frombuffer(buf, np.uint8, offset=header).reshape(dims)
-
-
-def _find_idx(info: DatasetInfo, roots: list[pathlib.Path]):
-  incomplete = []
-  for root in roots:
-    if not root.is_dir():
-      continue
-    found = {}
-    for role, names in _IDX_FILES.items():
-      path = next((root / n for n in names if (root / n).is_file()), None)
-      if path is not None:
-        found[role] = path
-    if len(found) == len(_IDX_FILES):
-      return found, []
-    if found:
-      missing = [_IDX_FILES[r][0] for r in _IDX_FILES if r not in found]
-      incomplete.append(f"{root} lacks {', '.join(missing)}")
-  return None, incomplete
-
-
-def _load_idx(info: DatasetInfo, data_dir: pathlib.Path):
-  roots = _roots(info, data_dir)
-  found, incomplete = _find_idx(info, roots)
-  if found is None:
-    expected = [", ".join(names[0] for names in _IDX_FILES.values())
-                + " (gzip-compressed or not)"]
-    raise _missing_error(info, roots, expected, incomplete)
-  arrays = {}
-  for role, path in found.items():
-    magic = _IDX_IMAGES_MAGIC if role.endswith("images") else _IDX_LABELS_MAGIC
-    arrays[role] = _parse_idx(_read_maybe_gzip(path), str(path), magic=magic)
-  splits = []
-  for split in ("train", "test"):
-    images = arrays[f"{split}_images"][..., None]  # (N, 28, 28) -> (N, 28, 28, 1)
-    labels = arrays[f"{split}_labels"]
-    _check_split(images, labels, info, f"{found[f'{split}_images']} + {found[f'{split}_labels'].name}")
-    splits += [images, labels]
-  return (*splits, str(found["train_images"].parent))
-
-
-# ----------------------------------------------------------------------------------------------------
-# CIFAR-10 / CIFAR-100: binary and python versions, in folders or the official .tar.gz archives.
-
-_CIFAR_PIXELS = 32 * 32 * 3  # one record: 1024 red, 1024 green, 1024 blue bytes, each plane row-major
-
-
-class _CifarLayout(NamedTuple):
-  fmt: str  # "bin" or "py"
-  folder: str
-  archive: str
-  train: tuple[str, ...]
-  test: tuple[str, ...]
-
-
-_CIFAR_LAYOUTS = {
-    "cifar10": (
-        _CifarLayout("bin", "cifar-10-batches-bin", "cifar-10-binary.tar.gz",
-                     tuple(f"data_batch_{i}.bin" for i in range(1, 6)), ("test_batch.bin",)),
-        _CifarLayout("py", "cifar-10-batches-py", "cifar-10-python.tar.gz",
-                     tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",)),
-    ),
-    "cifar100": (
-        _CifarLayout("bin", "cifar-100-binary", "cifar-100-binary.tar.gz", ("train.bin",), ("test.bin",)),
-        _CifarLayout("py", "cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",)),
-    ),
-}
-
-
-def _numpy_reconstruct():
-  try:
-    from numpy._core import multiarray  # pylint: disable=g-import-not-at-top  # numpy >= 2
-  except ImportError:  # numpy 1.x
-    from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
-  return multiarray._reconstruct  # pylint: disable=protected-access
-
-
-# The only globals a CIFAR python pickle needs: rebuilding numpy arrays. Everything else is refused.
-_PICKLE_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickler that resolves only :data:`_PICKLE_ALLOWED_GLOBALS`, so loading executes no code."""
-
-  def find_class(self, module, name):
-    resolve = _PICKLE_ALLOWED_GLOBALS.get((module, name))
-    if resolve is None:
-      raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-    return resolve()
-
-  def persistent_load(self, pid):
-    raise pickle.UnpicklingError("refusing persistent ids")
-
-
-def _safe_unpickle(buf: bytes, what: str):
-  """Loads a pickle that may only contain builtin containers/scalars and numpy arrays.
-
-  Python-2 strings load as bytes (``encoding="bytes"``), as the CIFAR python files need.
-
-  Args:
-    buf: the pickle bytes.
-    what: the file's name, used in error messages.
-
-  Returns:
-    The unpickled object.
-
-  Raises:
-    ValueError: the pickle is corrupt or references anything beyond the allowed numpy names (nothing
-      it references is ever called).
-  """
-  try:
-    return _RestrictedUnpickler(io.BytesIO(buf), encoding="bytes").load()
-  except Exception as e:  # pylint: disable=broad-except  # any failure means a bad file
-    raise ValueError(f"{what}: not a valid CIFAR python pickle ({type(e).__name__}: {e})") from e
-
-
-def _cifar_images(flat: np.ndarray) -> np.ndarray:
-  """(N, 3072) rows of R, G, B planes -> (N, 32, 32, 3) NHWC."""
-  return flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-
-
-def _parse_cifar_bin(buf: bytes, what: str, label_bytes: int):
-  record = label_bytes + _CIFAR_PIXELS
-  if not buf or len(buf) % record:
-    raise ValueError(f"{what}: {len(buf)} bytes is not a positive multiple of the {record}-byte "
-                     "record (truncated or not a CIFAR binary file)")
-  rows = np.frombuffer(buf, np.uint8).reshape(-1, record)
-  if label_bytes == 2:  # CIFAR-100: coarse label, fine label
-    _check_labels(rows[:, 0], 0, 19, f"{what} (coarse labels)")
-  return _cifar_images(rows[:, label_bytes:]), rows[:, label_bytes - 1].astype(np.int32)
-
-
-def _parse_cifar_py(buf: bytes, what: str, label_key: str):
-  obj = _safe_unpickle(buf, what)
-  if not isinstance(obj, dict):
-    raise ValueError(f"{what}: expected a dict, found {type(obj).__name__}")
-  d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-  for key in ("data", label_key):
-    if key not in d:
-      raise ValueError(f"{what}: no {key!r} entry (keys: {sorted(map(str, d))})")
-  data = d["data"]
-  if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-      or data.shape[1] != _CIFAR_PIXELS:
-    desc = (f"dtype {data.dtype}, shape {data.shape}" if isinstance(data, np.ndarray)
-            else type(data).__name__)
-    raise ValueError(f"{what}: 'data' must be a uint8 array of shape (N, {_CIFAR_PIXELS}), got {desc}")
-  try:
-    labels = np.asarray(d[label_key], dtype=np.int64)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{what}: {label_key!r} is not a list of integers ({e})") from e
-  if labels.shape != (data.shape[0],):
-    raise ValueError(f"{what}: {data.shape[0]} images but {label_key!r} has shape {labels.shape}")
-  return _cifar_images(data), labels
-
-
-def _read_tar_members(path: pathlib.Path, names: list[str]) -> dict[str, bytes]:
-  """Reads the named members of a .tar.gz into memory (one sequential pass, nothing extracted)."""
-  wanted, out = set(names), {}
-  try:
-    with tarfile.open(path, "r:*") as tar:
-      for member in tar:
-        name = member.name[2:] if member.name.startswith("./") else member.name
-        if name in wanted and member.isfile():
-          out[name] = tar.extractfile(member).read()
-  except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-    raise ValueError(f"{path}: corrupt or truncated archive ({type(e).__name__}: {e})") from e
-  missing = [n for n in names if n not in out]
-  if missing:
-    raise ValueError(f"{path}: archive lacks {', '.join(missing)}")
-  return out
-
-
-def _find_cifar(layouts, roots):
-  incomplete = []
-  for root in roots:
-    for layout in layouts:
-      folder = root / layout.folder
-      if folder.is_dir():
-        missing = [n for n in layout.train + layout.test if not (folder / n).is_file()]
-        if not missing:
-          return layout, folder, False, []
-        incomplete.append(f"{folder} lacks {', '.join(missing)}")
-    for layout in layouts:
-      if (root / layout.archive).is_file():
-        return layout, root / layout.archive, True, []
-  return None, None, False, incomplete
-
-
-def _load_cifar(info: DatasetInfo, data_dir: pathlib.Path):
-  layouts = _CIFAR_LAYOUTS[info.name]
-  roots = _roots(info, data_dir)
-  layout, location, is_archive, incomplete = _find_cifar(layouts, roots)
-  if layout is None:
-    expected = []
-    for lay in layouts:
-      expected.append(f"{lay.folder}/{{{', '.join(lay.train + lay.test)}}}")
-    expected += [lay.archive for lay in layouts]
-    raise _missing_error(info, roots, expected, incomplete)
-  if is_archive:
-    members = _read_tar_members(location, [f"{layout.folder}/{n}" for n in layout.train + layout.test])
-    read = lambda n: members[f"{layout.folder}/{n}"]
-  else:
-    read = lambda n: (location / n).read_bytes()
-  cifar100 = info.name == "cifar100"
-  splits = []
-  for names in (layout.train, layout.test):
-    parts = []
-    for n in names:
-      what = f"{location}/{n}" if not is_archive else f"{location}:{layout.folder}/{n}"
-      if layout.fmt == "bin":
-        parts.append(_parse_cifar_bin(read(n), what, 2 if cifar100 else 1))
-      else:
-        parts.append(_parse_cifar_py(read(n), what, "fine_labels" if cifar100 else "labels"))
-      _check_split(*parts[-1], info, what)
-    splits += [np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])]
-  return (*splits, str(location))
-
-
-# ----------------------------------------------------------------------------------------------------
-# SVHN: MATLAB .mat files.
-
-_SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
-
-
-def _parse_svhn_mat(path: pathlib.Path):
-  import scipy.io  # pylint: disable=g-import-not-at-top  # only SVHN needs scipy
-
-  try:
-    mat = scipy.io.loadmat(path)
-  except Exception as e:  # pylint: disable=broad-except  # scipy raises many types for bad files
-    raise ValueError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {e})") from e
-  if "X" not in mat or "y" not in mat:
-    raise ValueError(f"{path}: expected variables 'X' and 'y', found "
-                     f"{sorted(k for k in mat if not k.startswith('__'))}")
-  x, y = mat["X"], mat["y"]
-  if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
-    raise ValueError(f"{path}: 'X' must be uint8 of shape (32, 32, 3, N), got dtype {x.dtype} and "
-                     f"shape {x.shape}")
-  y = np.asarray(y).reshape(-1)
-  if y.shape[0] != x.shape[3]:
-    raise ValueError(f"{path}: {x.shape[3]} images but {y.shape[0]} labels")
-  y = y.astype(np.int64)
-  _check_labels(y, 1, 10, str(path))  # SVHN labels digits 1..9 as 1..9 and the digit 0 as 10
-  return x.transpose(3, 0, 1, 2), y % 10
-
-
-def _load_svhn(info: DatasetInfo, data_dir: pathlib.Path):
-  roots = _roots(info, data_dir)
-  incomplete = []
-  for root in roots:
-    present = [(root / n).is_file() for n in _SVHN_FILES]
-    if all(present):
-      splits = []
-      for n in _SVHN_FILES:
-        images, labels = _parse_svhn_mat(root / n)
-        _check_split(images, labels, info, str(root / n))
-        splits += [images, labels]
-      return (*splits, str(root))
-    if any(present):
-      incomplete.append(f"{root} lacks {_SVHN_FILES[present.index(False)]}")
-  raise _missing_error(info, roots, [", ".join(_SVHN_FILES)], incomplete)
-
-
-_LOCAL_LOADERS: dict[str, Callable] = {
-    "mnist": _load_idx, "fmnist": _load_idx, "cifar10": _load_cifar, "cifar100": _load_cifar,
-    "svhn": _load_svhn,
-}
+  return datafiles.has_files(DATASETS[name], root)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -735,11 +350,11 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, source: str = 
   elif source == "tfds":
     arrays = _load_tfds(info, max_train, max_test, given_dir)
   elif source == "local":
-    arrays = _LOCAL_LOADERS[name](info, data_dir)
+    arrays = datafiles.load_local(info, data_dir)
   else:  # auto
     try:
-      arrays = _LOCAL_LOADERS[name](info, data_dir)
-    except _LocalFilesMissing as local_error:
+      arrays = datafiles.load_local(info, data_dir)
+    except datafiles.LocalFilesMissing as local_error:
       try:
         arrays = _load_tfds(info, max_train, max_test, given_dir)
       except RuntimeError as tfds_error:
@@ -749,7 +364,7 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, source: str = 
   train_x, train_y = train_x[:max_train], train_y[:max_train]
   test_x, test_y = test_x[:max_test], test_y[:max_test]
   for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
-    _check_split(x, y, info, f"{where} ({split})")
+    datafiles.check_split(x, y, info, f"{where} ({split})")
   return Dataset(
       name=name,
       train_images=np.array(train_x, dtype=np.uint8, order="C"),
@@ -911,5 +526,5 @@ def class_counts(labels, num_classes: int) -> np.ndarray:
   labels = np.asarray(labels).reshape(-1)
   if labels.size and not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-  _check_labels(labels, 0, num_classes - 1, "class_counts")
+  datafiles.check_labels(labels, 0, num_classes - 1, "class_counts")
   return np.bincount(labels.astype(np.int64), minlength=num_classes).astype(np.int64)
