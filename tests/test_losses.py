@@ -51,18 +51,39 @@ def test_tradeoff_with_alpha0_beta1_equals_pgd_at(setup):
   chex.assert_trees_all_close(s_at, s_to)
 
 
-def test_tradeoff_loss_is_alpha_natural_plus_beta_adversarial_ce(setup):
-  model, variables, x, y = setup
+@pytest.mark.parametrize("members", [1, 2])
+def test_tradeoff_loss_equals_two_sequential_passes_value_gradient_and_running_stats(setup, members):
+  """The loss runs x and x' as one batched pass (losses.paired_forward); it must equal alpha CE(f(x)) +
+  beta CE(f(x')) computed by two passes one after the other, in value, gradient and running statistics."""
+  _, _, x, y = setup
+  model = EnResNet(dataclasses.replace(TINY, ensembles=members))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  # Running statistics away from their init (mean 0, var 1), so the rebuilt update is really tested.
+  leaves, tree = jax.tree.flatten(variables["batch_stats"])
+  keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+  variables = {**variables, "batch_stats": jax.tree.unflatten(
+      tree, [s + jax.random.uniform(k, s.shape) for s, k in zip(leaves, keys)])}
   x_adv = jnp.clip(x - 0.05, 0, 1)
   key = jax.random.PRNGKey(4)
   k_nat, k_adv = jax.random.split(key)
-  total, (_, metrics) = _loss(losses.LossConfig(kind="tradeoff", alpha=1.0, beta=8.0), model,
-                              variables, x, x_adv, y, key)
-  nat_logits, stats = model.apply(variables, x, k_nat, train=True)
-  adv_logits, _ = model.apply({**variables, "batch_stats": stats}, x_adv, k_adv, train=True)
-  expected = (losses.cross_entropy(nat_logits, y) + 8.0 * losses.cross_entropy(adv_logits, y))
+  cfg = losses.LossConfig(kind="tradeoff", alpha=1.0, beta=8.0)
+  (total, (stats, metrics)), grads = _loss_and_grad(cfg, model, variables, x, x_adv, y, key)
+
+  def sequential(params):
+    v = {**variables, "params": params}
+    nat_logits, s1 = model.apply(v, x, k_nat, train=True)
+    adv_logits, s2 = model.apply({**v, "batch_stats": s1}, x_adv, k_adv, train=True)
+    return losses.cross_entropy(nat_logits, y) + 8.0 * losses.cross_entropy(adv_logits, y), s2
+
+  (expected, expected_stats), expected_grads = jax.jit(jax.value_and_grad(sequential, has_aux=True))(
+      variables["params"])
   chex.assert_trees_all_close(total, expected, rtol=1e-5)
   chex.assert_trees_all_close(metrics["loss"], total)
+  chex.assert_trees_all_close(stats, expected_stats, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(stats),
+                                                              jax.tree.leaves(variables["batch_stats"])))
+  assert moved > 1e-3  # both passes really updated the running statistics
 
 
 def test_train_mode_crafting_takes_batch_statistics_steps_and_updates_running_stats(setup):

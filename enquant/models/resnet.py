@@ -24,6 +24,10 @@ import jax.numpy as jnp
 from enquant.models import conv as conv_lib
 from enquant.models import noise as noise_lib
 
+# BatchNorm's running averages: r <- BN_MOMENTUM * r + (1 - BN_MOMENTUM) * batch statistic (the PyTorch
+# reference's momentum 0.1 in its convention).
+BN_MOMENTUM = 0.9
+
 # He-normal over fan-out, as the EnResNet/PyTorch code initialises convolutions.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -64,7 +68,7 @@ class PreActBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
+        nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5)
     conv = functools.partial(self.conv_module, kernel_init=_conv_init)
     pad = ((1, 1), (1, 1))
     out = nn.relu(norm(name="bn1")(x))
@@ -117,7 +121,7 @@ class ResNet(nn.Module):
         x = PreActBlock(width, strides, mid, self.noise_coef, self.conv_module, self.noise_rng,
                         name=f"stage{stage + 1}_block{block + 1}")(x, train)
         index += 1
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn_final")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5, name="bn_final")(x)
     x = nn.relu(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="fc")(x)
