@@ -487,6 +487,16 @@ def build_config(row: Row, scale: str) -> ExperimentConfig:
                              eval=evalc)
 
 
+def with_epochs(cfg: ExperimentConfig, epochs: int) -> ExperimentConfig:
+  """``cfg`` trained for ``epochs`` instead: the learning-rate milestones are fractions of training and stay
+  put, and Binary-Relax's growth of lambda is rescaled (as :func:`build_config` does) so that lambda reaches
+  the paper's value at the same fraction of training."""
+  if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+  quant = dataclasses.replace(cfg.quant, growth=round(_br_growth(epochs, cfg.quant.growth_every_epochs), 6))
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs), quant=quant)
+
+
 def kernel_layer(params) -> tuple[str, str]:
   """The layer the kernel figures show: ``conv1`` of stage 1's second block, or of its last block when
   the network has fewer (ResNet8 at cpu scale has one block per stage)."""
@@ -550,4 +560,5 @@ def measured(results: dict[str, Any], column: str, transfer: dict[str, Any] | No
 
 
 __all__ = ["CPU_NOTES", "Check", "Row", "SCALES", "TABLES", "Table", "Trend", "build_config", "cpu_kind",
-           "gpu_epochs", "gpu_note", "kernel_layer", "measured", "protocol", "run_name", "runs_of", "table"]
+           "gpu_epochs", "gpu_note", "kernel_layer", "measured", "protocol", "run_name", "runs_of", "table",
+           "with_epochs"]

@@ -8,6 +8,7 @@ claim on our runs: paired differences of two runs on the same test images, with 
 """
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -278,5 +279,48 @@ def table_markdown(tbl: paper_lib.Table, scale: str, rows: list[dict[str, Any]],
   return "\n".join(lines)
 
 
-__all__ = ["accuracies", "check_rows", "paired_difference", "reproduction_report", "table_markdown",
+STUDY_COLUMNS = ("epochs", "N", "A1", "A2", "A3", "weight sparsity", "channel sparsity",
+                 "in-channel sparsity", "zero dispersion", "M", "train min")
+
+
+def portable(results: dict) -> dict:
+  """A run's results as committed under ``results/``: its machine's absolute paths made relative to the
+  cwd."""
+  return {k: os.path.relpath(v) if k in ("workdir", "dataset_source") and isinstance(v, str)
+          and os.path.isabs(v) else v for k, v in results.items()}
+
+
+def study_row(results: dict) -> dict[str, Any]:
+  """One row of a training-length study from a run's ``results.json``: accuracies and sparsities in %,
+  channels counted as the paper counts them, M, training minutes."""
+  counted = results["efficiency"]["sparsity_paper_counting"]
+  acc = results.get("robust", {}).get("accuracy", {})
+  pct = lambda v: None if v is None else 100 * v
+  return {"epochs": results["config"]["train"]["epochs"], "N": pct(results["natural_accuracy"]),
+          **{a: pct(acc.get(a)) for a in ("A1", "A2", "A3")},
+          "weight sparsity": pct(counted["total/weight_sparsity"]),
+          "channel sparsity": pct(counted["total/channel_sparsity"]),
+          "in-channel sparsity": pct(counted["total/in_channel_sparsity"]),
+          "zero dispersion": counted.get("total/zero_dispersion"), "M": results["m_bound"],
+          "train min": results["train_seconds"] / 60}
+
+
+def study_markdown(name: str, rows: list[dict[str, Any]]) -> str:
+  """The training-length study of run ``name`` as Markdown (rows from :func:`study_row`)."""
+  def fmt(column, v):
+    if v is None:
+      return "-"
+    return str(v) if column == "epochs" else f"{v:.4f}" if column == "M" else f"{v:.2f}"
+  lines = [f"# {name}, trained longer", "",
+           f"`python -m experiments.epochs_study --run={name}`: the same configuration for more epochs "
+           "(learning-rate milestones and Binary-Relax's lambda schedule rescaled). Accuracies and "
+           "sparsities in %; channels counted as the paper counts them (3x3 convolutions); zero "
+           "dispersion 1 = zeros scattered independently; M = max over epochs of max over conv layers of mean |w|.", "",
+           "| " + " | ".join(STUDY_COLUMNS) + " |", "|" + "---|" * len(STUDY_COLUMNS)]
+  lines += ["| " + " | ".join(fmt(c, r[c]) for c in STUDY_COLUMNS) + " |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+__all__ = ["STUDY_COLUMNS", "accuracies", "check_rows", "paired_difference", "portable",
+           "reproduction_report", "study_markdown", "study_row", "table_markdown",
            "table_rows", "trend_rows"]

@@ -230,12 +230,6 @@ def _add_structure(workdir: str, results: dict, log=print) -> dict:
   return results
 
 
-def _portable(results: dict) -> dict:
-  """A run's results as committed under ``results/``: its machine's absolute paths made relative to the cwd."""
-  return {k: os.path.relpath(v) if k in ("workdir", "dataset_source") and isinstance(v, str)
-          and os.path.isabs(v) else v for k, v in results.items()}
-
-
 def results_history(path: str) -> list[dict]:
   """The per-epoch metrics rows a run's results file keeps (``history``; [] if absent)."""
   from enquant import files  # pylint: disable=g-import-not-at-top
@@ -256,7 +250,8 @@ def rebuild_tables(log=print, transfers: bool = True) -> None:
         results[name] = files.read_json(path)
         if "zero_dispersion" in tbl.columns:
           results[name] = _add_structure(os.path.join(runs_dir, name), results[name], log=log)
-        files.write_json_atomic(os.path.join(out_dir, "runs", name + ".json"), _portable(results[name]))
+        files.write_json_atomic(os.path.join(out_dir, "runs", name + ".json"),
+                                reports.portable(results[name]))
       elif os.path.exists(_committed(name)):  # the run directory is on another machine
         results[name] = files.read_json(_committed(name))
     for row in tbl.rows:

@@ -64,6 +64,21 @@ def test_cpu_scale_substitutes_fashion_mnist_and_keeps_the_direct_rows():
       paper.build_config(_row("I", ensembles=1, quant="br"), bad)
 
 
+def test_with_epochs_keeps_the_row_and_rescales_binary_relax():
+  cfg = paper.build_config(_row("VII", depth=20, noise=0.0, bits=2, loss="natural"), "cpu")
+  assert paper.with_epochs(cfg, cfg.train.epochs) == cfg
+  longer = paper.with_epochs(cfg, 24)
+  q = longer.quant
+  np.testing.assert_allclose(q.growth ** (q.relax_fraction * 24 / q.growth_every_epochs), 1.05 ** 80,
+                             rtol=1e-4)
+  assert longer.train.epochs == 24 and q.growth < cfg.quant.growth
+  assert dataclasses.replace(longer, train=cfg.train, quant=cfg.quant) == cfg
+  assert paper.run_name(longer) != paper.run_name(cfg)
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match="epochs"):
+      paper.with_epochs(cfg, bad)
+
+
 def test_gpu_scale_is_the_papers_protocol_cut_to_e_epochs():
   row = _row("VIII", dataset="mnist", quant="br")
   full, short = paper.build_config(row, "paper"), paper.build_config(row, "gpu5")
@@ -354,3 +369,21 @@ def test_kernel_figures_pick_a_stage_one_block_that_exists():
   assert paper.kernel_layer(shallow) == ("stage1_block1", "conv1")
   with pytest.raises(ValueError, match="no stage-1 block"):
     paper.kernel_layer({"stem": {}})
+
+
+def test_epochs_study_rows_use_the_papers_counting_in_percent():
+  results = json.load(open(os.path.join(ROOT, "results", "cpu", "runs",
+                                        "fmnist-ResNet8-br2b-natural-141eb115.json")))
+  counted = results["efficiency"]["sparsity_paper_counting"]
+  counted.update({"total/channel_sparsity": 0.25, "total/in_channel_sparsity": 0.125})
+  results["efficiency"]["sparsity"]["total/channel_sparsity"] = 0.5  # not the paper's counting: ignored
+  row = reports.study_row(results)
+  assert row["epochs"] == 6 and row["channel sparsity"] == 25.0 and row["in-channel sparsity"] == 12.5
+  np.testing.assert_allclose([row["N"], row["A1"], row["weight sparsity"], row["train min"]],
+                             [84.92, 55.5, 100 * counted["total/weight_sparsity"],
+                              results["train_seconds"] / 60])
+  md = reports.study_markdown("r", [row, dict(row, epochs=24, A3=None)])
+  lines = md.splitlines()
+  assert lines[-2].startswith("| 6 | 84.92 | 55.50 |") and "| 25.00 | 12.50 |" in lines[-2]
+  assert lines[-1].startswith("| 24 |") and "| - |" in lines[-1]
+  assert reports.portable({"workdir": "/abs/x", "n": 1})["workdir"] == os.path.relpath("/abs/x")
