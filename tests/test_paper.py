@@ -310,6 +310,15 @@ def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
   assert got[twin]["verdict"] == "reversed"
   md = reports.table_markdown(t7, "cpu", rows, [], got)
   assert f"| {t7.trends[twin].label} | - | -0.75 | reversed |" in md
+  # With the channel counts known, a difference within chance (2 sqrt(2/177 + 2/177) = 0.30) is a tie.
+  for row in (trend.larger, trend.smaller):
+    results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/in_channels"] = 177
+  results[name(trend.smaller)]["efficiency"]["sparsity_paper_counting"]["total/zero_dispersion"] = 1.75
+  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  assert got[twin]["verdict"] == "tie" and got[twin]["chance"] == pytest.approx(0.3007, abs=1e-4)
+  results[name(trend.smaller)]["efficiency"]["sparsity_paper_counting"]["total/zero_dispersion"] = 1.1
+  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  assert got[twin]["verdict"] == "holds" and "chance" not in got[0]
   t4 = paper.table("IV")  # M decreases with n: En1 above En2 (paper 0.2762 - 0.2399); ours reversed
   results = {}
   for row, m in zip(t4.rows[:2], (0.20, 0.25)):

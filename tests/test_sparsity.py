@@ -65,6 +65,22 @@ def test_zero_dispersion_is_one_for_independent_zeros_and_k_for_whole_zero_chann
   assert sparsity.zero_dispersion(no_zeros) == 0.0
 
 
+def test_dispersion_chance_matches_simulated_independent_zeros():
+  # Two layers, 24 + 40 = 64 input channels pooled; zeros independent at each layer's own rate.
+  from enquant import reports  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  def draw():
+    return {"a": {"kernel": np.where(rng.random((1, 3, 3, 24, 16)) < 0.3, 0.0, 1.0)},
+            "b": {"kernel": np.where(rng.random((1, 3, 3, 40, 8)) < 0.6, 0.0, 1.0)}}
+  values = np.array([sparsity.zero_dispersion(draw()) for _ in range(400)])
+  assert values.mean() == pytest.approx(1.0, abs=0.05)
+  assert values.std() == pytest.approx(np.sqrt(2 / 64), rel=0.2)  # the sd dispersion_chance assumes
+  diffs = values[:200] - values[200:]
+  outside = np.mean(np.abs(diffs) > reports.dispersion_chance(64, 64))
+  assert outside < 0.12  # ~5 % expected beyond two standard deviations
+  assert reports.dispersion_chance(64, 64) == pytest.approx(2 * np.sqrt(4 / 64))
+
+
 def test_weight_report_counts_every_member_of_a_stacked_tree():
   k = np.ones((2, 3, 3, 2, 4), np.float32)
   k[0, :, :, :, 1] = 0  # member 0: output channel 1 zero (18 weights)
