@@ -202,7 +202,7 @@ def _register(table: Table) -> None:
 _ACC = ("N", "A1", "A2", "A3")
 _register(Table("I", "Binary Connect vs Binary Relax (CIFAR-10, PGD-AT, binary weights)",
                 "BR beats BC in natural and robust accuracy; quantization costs robust accuracy about as "
-                "much as natural accuracy", _ACC, _table_i()))
+                "much as natural accuracy; more members are more accurate and more robust", _ACC, _table_i()))
 _register(Table("II", "Ensemble ResNet vs ResNets of similar size (CIFAR-10, PGD-AT)",
                 "En_nResNet20 is more robust than a ResNet with as many parameters, float and BR",
                 _ACC, (
@@ -341,7 +341,10 @@ def _add_checks() -> None:
   br = lambda n, **kw: Row(c, n, quant="br", **kw)
   resnet34 = dict(noise=0.0, stages=(5, 5, 6))
   checks = {
-      "I": tuple(Check(f"BR beats BC, En{n}ResNet20", br(n), Row(c, n, quant="bc"), _ACC) for n in (1, 2, 5)),
+      "I": tuple(Check(f"BR beats BC, En{n}ResNet20", br(n), Row(c, n, quant="bc"), _ACC) for n in (1, 2, 5))
+           + tuple(Check(f"En{m}ResNet20 beats En{n}ResNet20, {Row(c, m, quant=q).quant_label}",
+                         Row(c, m, quant=q), Row(c, n, quant=q), _ACC)
+                   for m, n in ((2, 1), (5, 2)) for q in ("float", "bc", "br")),
       "II": (Check("En1ResNet20 more robust than ResNet20, float", Row(c, 1), Row(c, 1, noise=0.0)),
              Check("En1ResNet20 more robust than ResNet20, BR", br(1), br(1, noise=0.0)),
              Check("En2ResNet20 more robust than ResNet34, float", Row(c, 2), Row(c, 1, **resnet34)),
