@@ -49,14 +49,16 @@ def adversarial_examples(path: str, clean: np.ndarray, adversarial: np.ndarray, 
   return _save(fig, path)
 
 
-def training_curves(path: str, rows: list[dict]) -> str:
-  """Test accuracy, training loss and (when logged) the M_t bound against epochs (cf. Fig. 2)."""
-  epochs = [r["epoch"] for r in rows]
-  keys = [k for k in ("test_acc", "train_loss", "m_bound", "weight_sparsity") if rows and k in rows[0]]
+def training_curves(path: str, rows: list[dict],
+                    keys=("test_acc", "train_loss", "m_bound", "weight_sparsity"), x: str = "epoch") -> str:
+  """``keys`` of ``rows`` (those present) against ``x``: by default test accuracy, training loss and (when
+  logged) the M_t bound against epochs (cf. Fig. 2). ``None`` values are left out of their panel."""
+  keys = [k for k in keys if rows and k in rows[0]]
   fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
   for ax, k in zip(axes[0], keys):
-    ax.plot(epochs, [r[k] for r in rows], marker="o", ms=3)
-    ax.set_xlabel("epoch")
+    points = [(r[x], r[k]) for r in rows if r.get(k) is not None]
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3)
+    ax.set_xlabel(x)
     ax.set_title({"m_bound": "M_t = max_layer mean|w|"}.get(k, k), fontsize=9)
     ax.grid(alpha=0.3)
   fig.tight_layout()

@@ -7,7 +7,8 @@ CIFAR-10; at the cpu scale's 6 epochs no channel is all-zero. This trains the sa
 named by ``--run``, as ``experiments.paper --list`` prints it) for each of ``--epochs``, with the
 learning-rate milestones and Binary-Relax's lambda schedule rescaled (``enquant.paper.with_epochs``),
 evaluates it as the table row is evaluated, and writes ``--results_root/<scale>/epochs_<run>.md`` and
-``.json`` (one row per length, the table's own run first when its results exist) and each run's results
+``.json`` (one row per length, the table's own run first when its results exist; a PNG of accuracy, sparsity
+and zero dispersion against epochs beside them) and each run's results
 under ``--results_root/<scale>/epochs_runs/``. Runs live in ``--runs_root/<scale>-epochs/<run name>`` and
 resume from their checkpoints when the command is repeated.
 """
@@ -43,7 +44,7 @@ def find_run(name: str, scale: str):
 def main(argv):
   del argv
   experiments.quiet_logs()
-  from enquant import files, paper, pipeline, reports  # pylint: disable=g-import-not-at-top
+  from enquant import files, paper, pipeline, plots, reports  # pylint: disable=g-import-not-at-top
   epochs = []
   for e in FLAGS.epochs:
     if not e.strip().isdigit() or int(e) < 1:
@@ -75,6 +76,8 @@ def main(argv):
     stem = os.path.join(out_dir, f"epochs_{FLAGS.run}")
     files.write_json_atomic(stem + ".json", {"run": FLAGS.run, "rows": rows})
     files.write_text_atomic(stem + ".md", reports.study_markdown(FLAGS.run, rows))
+    plots.training_curves(stem + ".png", rows, keys=("N", "A2", "weight sparsity", "channel sparsity",
+                                                      "zero dispersion"), x="epochs")
   print(reports.study_markdown(FLAGS.run, rows))
 
 
