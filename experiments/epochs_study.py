@@ -6,11 +6,11 @@ Table VII's channel claims (natural training zeroes whole channels, PGD-AT does 
 CIFAR-10; at the cpu scale's 6 epochs no channel is all-zero. This trains the same configuration (the run
 named by ``--run``, as ``experiments.paper --list`` prints it) for each of ``--epochs``, with the
 learning-rate milestones and Binary-Relax's lambda schedule rescaled (``enquant.paper.with_epochs``),
-evaluates it as the table row is evaluated, and writes ``--results_root/<scale>/epochs_<run>.md`` and
-``.json`` (one row per length, the table's own run first when its results exist; a PNG of accuracy, sparsity
-and zero dispersion against epochs beside them) and each run's results
-under ``--results_root/<scale>/epochs_runs/``. Runs live in ``--runs_root/<scale>-epochs/<run name>`` and
-resume from their checkpoints when the command is repeated.
+evaluates it as the table row is evaluated, and writes ``--results_root/<scale>/epochs_<run>.md``, ``.json``
+(one row per length, the table's own run first when its results exist) and ``.png`` (accuracy, sparsity and
+zero dispersion against epochs), and each run's results under ``--results_root/<scale>/epochs_runs/``. Runs
+live in ``--runs_root/<scale>-epochs/<run name>`` and resume from their checkpoints when the command is
+repeated; lengths already trained are read back, not trained again.
 """
 
 import os
