@@ -396,3 +396,11 @@ def test_epochs_study_rows_use_the_papers_counting_in_percent():
   assert lines[-2].startswith("| 6 | 84.92 | 55.50 |") and "| 25.00 | 12.50 |" in lines[-2]
   assert lines[-1].startswith("| 24 |") and "| - |" in lines[-1]
   assert reports.portable({"workdir": "/abs/x", "n": 1})["workdir"] == os.path.relpath("/abs/x")
+
+
+def test_epochs_study_refuses_bad_flags_in_one_line():
+  base = [sys.executable, "-m", "experiments.epochs_study"]
+  for args, message in ((["--run=fmnist-ResNet8-nope-00000000"], "is no run of the paper's tables"),
+                        (["--run=fmnist-ResNet8-br2b-natural-141eb115", "--epochs=24,0"], "positive integers")):
+    got = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert got.returncode != 0 and message in got.stderr and "Traceback" not in got.stderr, got.stderr[-1000:]
