@@ -55,272 +55,17 @@ from collections.abc import Sequence
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enquant.models import noise as noise_lib
+from enquant.models import cost
+from enquant.models import pruned
+from enquant.models.cost import flops, macs  # noqa: F401  (re-exported: the cost of the unpruned model)
 from enquant.models.ensemble import count_params, EnResNet, ModelConfig
+from enquant.models.pruned import noise_draws, PrunedBlock, PrunedResNet  # noqa: F401  (re-exported)
 
-Indices = tuple[int, ...]
-_EPS = 1e-5  # BatchNorm epsilon of enquant.models.resnet
-_PAD = ((1, 1), (1, 1))
-
-
-# ------------------------------------------------------------------------------------ the modules
-
-
-def _take(x: jax.Array, idx: Indices) -> jax.Array:
-  """Channels ``idx`` of ``x`` (no gather when ``idx`` is all of them, in order)."""
-  if idx == tuple(range(x.shape[-1])):
-    return x
-  return x[..., np.asarray(idx, np.int32)]
-
-
-def _scatter_add(base: jax.Array, idx: Indices, y: jax.Array) -> jax.Array:
-  """``base`` with ``y`` added into channels ``idx`` (a plain add when ``idx`` is every channel)."""
-  if idx == tuple(range(base.shape[-1])):
-    return y + base  # the order of the unpruned block: conv2(...) + shortcut
-  return base.at[..., np.asarray(idx, np.int32)].add(y, indices_are_sorted=True, unique_indices=True)
-
-
-def _norm(name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=_EPS, name=name)
-
-
-def _conv(features: int, size: int, strides: int, name: str) -> nn.Conv:
-  padding = _PAD if size == 3 else "VALID"
-  return nn.Conv(features, (size, size), strides=strides, padding=padding, use_bias=False, name=name)
-
-
-class PrunedBlock(nn.Module):
-  """A pre-activation block that computes only the channels it needs (inference only).
-
-  Attributes:
-    features: width of the residual stream it writes (the unpruned block's ``features``).
-    strides: stride of ``conv1`` and of the projection shortcut.
-    projection: whether the unpruned block has a 1x1 projection shortcut.
-    bn1_channels: residual channels normalised by ``bn1`` (those read by ``conv1`` or the shortcut).
-    conv1_inputs: positions, within ``bn1_channels``, of the channels ``conv1`` reads.
-    mid: inner channels kept (``conv1`` outputs, ``bn2``, ``conv2`` inputs); 0 removes ``conv1``.
-    conv2_outputs: residual channels ``conv2`` (and ``conv2_const``) write.
-    folded: whether constant inner channels were folded into ``conv2_const``.
-    shortcut_inputs: positions, within ``bn1_channels``, of the channels the shortcut reads.
-    shortcut_outputs: residual channels the projection shortcut writes (the others are 0).
-    noise_coef: EnResNet noise coefficient (0 disables it).
-  """
-
-  features: int
-  strides: int
-  projection: bool
-  bn1_channels: Indices
-  conv1_inputs: Indices
-  mid: int
-  conv2_outputs: Indices
-  folded: bool
-  shortcut_inputs: Indices
-  shortcut_outputs: Indices
-  noise_coef: float = 0.0
-
-  @nn.compact
-  def __call__(self, x: jax.Array, noise: jax.Array | None = None) -> jax.Array:
-    """The block's output; ``noise`` is this block's ``N(0, I)`` draw (required when ``noise_coef``)."""
-    n, h, w, _ = x.shape
-    oh, ow = (h - 1) // self.strides + 1, (w - 1) // self.strides + 1
-    out = None
-    if self.bn1_channels:
-      out = nn.relu(_norm("bn1")(_take(x, self.bn1_channels)))
-    if self.projection:
-      base = jnp.zeros((n, oh, ow, self.features), x.dtype)
-      if self.shortcut_outputs:
-        y = _conv(len(self.shortcut_outputs), 1, self.strides, "shortcut")(
-            _take(out, self.shortcut_inputs))
-        if self.shortcut_outputs == tuple(range(self.features)):
-          base = y
-        else:
-          base = base.at[..., np.asarray(self.shortcut_outputs, np.int32)].set(
-              y, indices_are_sorted=True, unique_indices=True)
-    else:
-      base = x
-    if self.conv2_outputs:
-      width = len(self.conv2_outputs)
-      y = None
-      if self.mid:
-        hid = _conv(self.mid, 3, self.strides, "conv1")(_take(out, self.conv1_inputs))
-        hid = nn.relu(_norm("bn2")(hid))
-        y = _conv(width, 3, 1, "conv2")(hid)
-      if self.folded:
-        const = _conv(width, 3, 1, "conv2_const")(jnp.ones((1, oh, ow, 1), x.dtype))
-        y = const if y is None else y + const
-      base = _scatter_add(base, self.conv2_outputs, y)
-    if self.noise_coef:
-      if noise is None:
-        raise ValueError("a pruned block with noise_coef > 0 needs its noise draw")
-      base = base + self.noise_coef * jnp.std(base) * noise  # add_noise's formula, the draw given
-    return base
-
-
-class PrunedResNet(nn.Module):
-  """One pruned EnResNet member (inference only): pruned stem and blocks, then the unchanged head.
-
-  Attributes:
-    num_classes: size of the output layer.
-    stem_width: channels of the residual stream after the stem.
-    stem_inputs: image channels the stem reads.
-    stem_outputs: stem channels computed (the others are 0).
-    blocks: ``((name, PrunedBlock attributes as a dict-like tuple of items), ...)``.
-  """
-
-  num_classes: int
-  stem_width: int
-  stem_inputs: Indices
-  stem_outputs: Indices
-  blocks: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
-
-  @nn.compact
-  def __call__(self, x: jax.Array, noise: Sequence[jax.Array] | None = None) -> jax.Array:
-    """Logits; ``noise`` holds each block's ``N(0, I)`` draw (see :func:`noise_draws`)."""
-    n, h, w, _ = x.shape
-    if self.stem_outputs == tuple(range(self.stem_width)):
-      x = _conv(self.stem_width, 3, 1, "stem")(_take(x, self.stem_inputs))
-    else:
-      stream = jnp.zeros((n, h, w, self.stem_width), x.dtype)
-      if self.stem_outputs:
-        y = _conv(len(self.stem_outputs), 3, 1, "stem")(_take(x, self.stem_inputs))
-        stream = stream.at[..., np.asarray(self.stem_outputs, np.int32)].set(
-            y, indices_are_sorted=True, unique_indices=True)
-      x = stream
-    for index, (name, fields) in enumerate(self.blocks):
-      x = PrunedBlock(**dict(fields), name=name)(x, None if noise is None else noise[index])
-    x = nn.relu(_norm("bn_final")(x))
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="fc")(x)
-
-
-class _Draw(nn.Module):
-  """``N(0, I)`` of one block's output shape from ``make_rng("noise")``, as PreActBlock draws it."""
-
-  shape: tuple[int, ...]
-  rng: str = "threefry"
-
-  @nn.compact
-  def __call__(self) -> jax.Array:
-    return noise_lib.normal(self.make_rng("noise"), self.shape, jnp.float32, self.rng)
-
-
-class _NoiseDraws(nn.Module):
-  """Every block's noise draw, from scopes named like the blocks of :class:`enquant.models.ResNet`."""
-
-  shapes: tuple[tuple[str, tuple[int, ...]], ...]
-  rng: str = "threefry"
-
-  @nn.compact
-  def __call__(self) -> tuple[jax.Array, ...]:
-    return tuple(_Draw(shape, self.rng, name=name)() for name, shape in self.shapes)
-
-
-def noise_draws(model_config: ModelConfig, x_shape: Sequence[int], key: jax.Array) -> tuple[jax.Array, ...]:
-  """The ``N(0, I)`` draws of every block and member that ``EnResNet.apply(..., x, key)`` makes.
-
-  Member ``i`` uses ``jax.random.split(key, n)[i]`` and block ``stage{s}_block{b}`` draws from
-  ``make_rng("noise")`` in a scope of that name, mapped over the members exactly as
-  :meth:`enquant.models.EnResNet.apply` maps them (``map_members``: vmap or unrolled), with the model's
-  generator (``model_config.noise_rng``): so the draws are bitwise those of the unpruned model for every
-  PRNG implementation (``rbg`` keys give different numbers under ``vmap`` than one key at a time).
-
-  Args:
-    model_config: the model.
-    x_shape: ``(N, H, W, C)`` of the input batch.
-    key: the noise key given to ``apply``.
-
-  Returns:
-    One ``(members, N, H_b, W_b, C_b)`` array per block.
-  """
-  n, h, w, _ = x_shape
-  shapes = []
-  for name, _, width, strides, _ in _block_layout(model_config):
-    h, w = _out_size(h, strides), _out_size(w, strides)
-    shapes.append((name, (n, h, w, width)))
-  draws = _NoiseDraws(tuple(shapes), model_config.noise_rng)
-  keys = jax.random.split(key, model_config.ensembles)
-  return EnResNet(model_config).map_members(
-      lambda _, k: draws.apply({}, rngs={"noise": k}), None, keys)
-
-
-# ------------------------------------------------------------------------------------- cost model
-
-
-def _out_size(size: int, strides: int) -> int:
-  """Spatial output of a 3x3/pad-1 or 1x1/valid conv with the given stride (they agree)."""
-  return (size - 1) // strides + 1
-
-
-def _image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
-  shape = tuple(int(d) for d in input_shape)
-  if len(shape) == 4:
-    shape = shape[1:]
-  if len(shape) != 3 or min(shape) < 1:
-    raise ValueError(f"input_shape must be (H, W, C) or (N, H, W, C) with positive sizes, got "
-                     f"{tuple(input_shape)}")
-  return shape
-
-
-def _block_layout(config: ModelConfig):
-  """``(name, in_width, width, strides, projection)`` for every block, as ResNet builds them."""
-  layout, in_width = [], config.widths[0]
-  for stage, (blocks, width) in enumerate(zip(config.block_stages, config.widths)):
-    for block in range(blocks):
-      strides = 2 if stage > 0 and block == 0 else 1
-      layout.append((f"stage{stage + 1}_block{block + 1}", in_width, width, strides,
-                     strides != 1 or in_width != width))
-      in_width = width
-  return layout
-
-
-def macs(model_config: ModelConfig, input_shape: Sequence[int]) -> int:
-  """Multiply-accumulates per image of the unpruned En_n ResNet (all members), counted analytically.
-
-  Convolutions: ``H_out * W_out * kh * kw * C_in * C_out`` each; the dense layer ``in * out``. BatchNorm,
-  ReLU, pooling, additions and the noise are not counted.
-
-  Args:
-    model_config: the model.
-    input_shape: ``(H, W, C)`` or ``(N, H, W, C)`` (the batch size is ignored).
-
-  Returns:
-    MACs per image.
-  """
-  h, w, c = _image_shape(input_shape)
-  total = h * w * 9 * c * model_config.widths[0]
-  for _, in_width, width, strides, projection in _block_layout(model_config):
-    h, w = _out_size(h, strides), _out_size(w, strides)
-    total += h * w * 9 * (in_width * width + width * width)
-    if projection:
-      total += h * w * in_width * width
-  total += model_config.widths[-1] * model_config.num_classes
-  return total * model_config.ensembles
-
-
-def flops(model_config: ModelConfig, input_shape: Sequence[int]) -> int:
-  """``2 * macs(model_config, input_shape)``: FLOPs per image of the unpruned model."""
-  return 2 * macs(model_config, input_shape)
-
-
-def _pruned_member_macs(module: PrunedResNet, input_shape: Sequence[int]) -> int:
-  h, w, _ = _image_shape(input_shape)
-  total = h * w * 9 * len(module.stem_inputs) * len(module.stem_outputs)
-  for _, fields in module.blocks:
-    f = dict(fields)
-    h, w = _out_size(h, f["strides"]), _out_size(w, f["strides"])
-    outputs = len(f["conv2_outputs"])
-    if outputs:
-      total += h * w * 9 * (len(f["conv1_inputs"]) * f["mid"] + f["mid"] * outputs)
-      total += h * w * 9 * outputs * int(f["folded"])
-    if f["projection"]:
-      total += h * w * len(f["shortcut_inputs"]) * len(f["shortcut_outputs"])
-  fc_in = dict(module.blocks[-1][1])["features"] if module.blocks else module.stem_width
-  return total + fc_in * module.num_classes
+Indices = pruned.Indices
 
 
 # --------------------------------------------------------------------------------------- pruning
@@ -341,7 +86,7 @@ def _inputs(kernel: np.ndarray) -> np.ndarray:
 def _bn_constant(scale, bias, mean, var) -> np.ndarray:
   """What flax's BatchNorm (inference) outputs for an all-zero input channel."""
   scale, bias, mean, var = (jnp.asarray(a, jnp.float32) for a in (scale, bias, mean, var))
-  return np.asarray((jnp.zeros_like(mean) - mean) * (jax.lax.rsqrt(var + _EPS) * scale) + bias)
+  return np.asarray((jnp.zeros_like(mean) - mean) * (jax.lax.rsqrt(var + pruned.EPS) * scale) + bias)
 
 
 def _positions(sub: Indices, within: Indices) -> Indices:
@@ -425,7 +170,7 @@ def _prune_member(config: ModelConfig, variables):
   if stem_out:
     params["stem"] = {"kernel": stem[:, :, list(stem_in), :][..., list(stem_out)]}
   blocks, counts = [], {}
-  for name, _, width, strides, projection in _block_layout(config):
+  for name, _, width, strides, projection in cost.block_layout(config):
     if ("shortcut" in p[name]) != projection:
       raise ValueError(f"{name}: the parameters {'lack' if projection else 'have'} a projection shortcut "
                        f"but the config {config} says otherwise")
@@ -438,18 +183,18 @@ def _prune_member(config: ModelConfig, variables):
   params["bn_final"] = {k: np.asarray(p["bn_final"][k]) for k in ("scale", "bias")}
   stats["bn_final"] = {k: np.asarray(s["bn_final"][k]) for k in ("mean", "var")}
   params["fc"] = {k: np.asarray(p["fc"][k]) for k in ("kernel", "bias")}
-  module = PrunedResNet(num_classes=config.num_classes, stem_width=config.widths[0],
+  module = pruned.PrunedResNet(num_classes=config.num_classes, stem_width=config.widths[0],
                         stem_inputs=stem_in, stem_outputs=stem_out, blocks=tuple(blocks))
   return module, {"params": params, "batch_stats": stats}, counts
 
 
-def _check_shapes(module: PrunedResNet, variables, config: ModelConfig, input_shape, name: str) -> None:
+def _check_shapes(module: pruned.PrunedResNet, variables, config: ModelConfig, input_shape, name: str) -> None:
   """The sliced variables must be exactly what the module declares (catches any planning mistake)."""
 
   def init(x):
     noise = None
     if config.noise_coef:
-      noise = tuple(d[0] for d in noise_draws(config, x.shape, jax.random.PRNGKey(0)))
+      noise = tuple(d[0] for d in pruned.noise_draws(config, x.shape, jax.random.PRNGKey(0)))
     return module.init(jax.random.PRNGKey(0), x, noise)
 
   expected = jax.eval_shape(init, jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32))
@@ -482,7 +227,7 @@ class PrunedEnsemble:
     def forward(variables, x, key):
       noise = [None] * len(self.modules)
       if config.noise_coef:
-        draws = noise_draws(config, x.shape, key)
+        draws = pruned.noise_draws(config, x.shape, key)
         noise = [tuple(d[i] for d in draws) for i in range(len(self.modules))]
       logits = [m.apply(v, x, z) for m, v, z in zip(self.modules, variables, noise)]
       return jnp.mean(jnp.stack(logits), axis=0)
@@ -521,7 +266,7 @@ class PrunedEnsemble:
 
   def macs(self, input_shape: Sequence[int]) -> int:
     """Multiply-accumulates per image actually computed (all members; see the module docstring)."""
-    return sum(_pruned_member_macs(m, input_shape) for m in self.modules)
+    return sum(pruned.member_macs(m, input_shape) for m in self.modules)
 
   def flops(self, input_shape: Sequence[int]) -> int:
     """``2 * macs(input_shape)``."""
@@ -568,7 +313,7 @@ def prune(model_config: ModelConfig, variables, input_shape: Sequence[int] | Non
     raise ValueError(f"variables do not match {model_config}: shapes {got} vs expected {want}")
   if input_shape is None:
     input_shape = (8, 8, np.shape(stem)[-2])
-  input_shape = _image_shape(input_shape)
+  input_shape = cost.image_shape(input_shape)
   if input_shape[-1] != np.shape(stem)[-2]:
     raise ValueError(f"input_shape {input_shape} has {input_shape[-1]} channels, the stem expects "
                      f"{np.shape(stem)[-2]}")
