@@ -55,8 +55,7 @@ def table_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
             res["train_seconds"] + res["eval_seconds"] if "train_seconds" in res and "eval_seconds" in res
             else res.get("wall_seconds")),
         "examples_robust": None if res is None else res.get("robust", {}).get("examples"),
-        "dispersion_channels": None if res is None else res.get("efficiency", {}).get(
-            "sparsity_paper_counting", {}).get("total/in_channels"),
+        "dispersion_channels": None if res is None else _dispersion_channels(res),
     }
     paper_numbers = dict(row.paper)
     for column in tbl.columns:
@@ -155,6 +154,14 @@ def check_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
                                     if v in verdicts))
     out.append(entry)
   return out
+
+
+def _dispersion_channels(res: dict[str, Any]) -> int | None:
+  """The input channels a run's pooled zero dispersion (paper counting) averages. Runs written before
+  ``total/dispersion_channels`` existed give every 3x3 input channel, the same number whenever every 3x3
+  layer has both zero and nonzero weights (true of every ternary and 4-bit run committed before it)."""
+  counted = res.get("efficiency", {}).get("sparsity_paper_counting", {})
+  return counted.get("total/dispersion_channels", counted.get("total/in_channels"))
 
 
 def dispersion_chance(channels_a: int, channels_b: int) -> float:

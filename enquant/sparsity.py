@@ -97,7 +97,8 @@ def weight_report(params, mask: MaskOrFn | None = None) -> dict[str, float]:
   ``total/zero_channels``, ``total/channels``, ``total/channel_sparsity``, ``total/zero_in_channels``,
   ``total/in_channels``, ``total/in_channel_sparsity``, ``total/m_bound`` (:func:`m_bound`),
   ``total/zero_dispersion`` (pooled over the layers: the mean of every input channel's standardised squared
-  deviation, over the layers that have both zero and nonzero weights).
+  deviation, over the layers that have both zero and nonzero weights), ``total/dispersion_channels`` (the
+  input channels of those layers: what the pooled index averages).
 
   Args:
     params: a parameter pytree (stacked ensembles: leading member axis).
@@ -149,6 +150,7 @@ def weight_report(params, mask: MaskOrFn | None = None) -> dict[str, float]:
   report["total/in_channel_sparsity"] = ratio("zero_in_channels", "in_channels")
   report["total/m_bound"] = bound
   report["total/zero_dispersion"] = chi2 / dispersed_channels if dispersed_channels else 0.0
+  report["total/dispersion_channels"] = dispersed_channels
   return report
 
 

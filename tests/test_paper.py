@@ -319,6 +319,10 @@ def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
   results[name(trend.smaller)]["efficiency"]["sparsity_paper_counting"]["total/zero_dispersion"] = 1.1
   got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
   assert got[twin]["verdict"] == "holds" and "chance" not in got[0]
+  for row in (trend.larger, trend.smaller):  # the averaged channels, when recorded, replace the 3x3 count
+    results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/dispersion_channels"] = 40
+  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  assert got[twin]["verdict"] == "tie" and got[twin]["chance"] == pytest.approx(2 * np.sqrt(4 / 40))
   t4 = paper.table("IV")  # M decreases with n: En1 above En2 (paper 0.2762 - 0.2399); ours reversed
   results = {}
   for row, m in zip(t4.rows[:2], (0.20, 0.25)):
