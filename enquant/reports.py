@@ -96,6 +96,33 @@ def reproduction_report(name: str, committed: dict, rerun: dict) -> str:
   return f"warning: {name} differs from its committed results: " + ", ".join(moved)
 
 
+def rerun_differs(committed: dict, rerun: dict) -> bool:
+  """Whether a retrained run gives another value for an accuracy its committed results hold (accuracies
+  only one of them has, e.g. an attack added later, are an extension, not a difference)."""
+  before, after = accuracies(committed), accuracies(rerun)
+  return any(before[k] != after[k] for k in before.keys() & after.keys())
+
+
+def reruns_markdown(scale: str, reruns: list[tuple[str, dict, dict]]) -> str:
+  """``results/<scale>/reruns.md``: per retrained run ``(name, committed, rerun)``, each accuracy's
+  committed value, the rerun's, and the difference (points)."""
+  keys = sorted({k for _, c, r in reruns for k in accuracies(c).keys() & accuracies(r).keys()},
+                key=lambda k: (k != "N", k))
+  lines = [f"# Reruns of committed runs ({scale} scale)", "",
+           "The same configuration (same run name, seeds and software) trained again, here against its committed "
+           "results: committed -> rerun (difference in points). The tables keep the committed (first) run; a "
+           "rerun that differs measures how far training, not the test sample, moves a row. Each rerun's "
+           f"results: `results/{scale}/reruns/<run>.json`.", "",
+           "| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+  for name, committed, rerun in sorted(reruns, key=lambda t: t[0]):
+    before, after = accuracies(committed), accuracies(rerun)
+    cells = [f"{100 * before[k]:.2f} -> {100 * after[k]:.2f} ({100 * (after[k] - before[k]):+.2f})"
+             if isinstance(before.get(k), (int, float)) and isinstance(after.get(k), (int, float)) else "-"
+             for k in keys]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def paired_difference(better, worse) -> dict[str, float]:
   """``better - worse`` accuracy (points) from per-image correctness on the same images, with the 95 %
   interval of the mean of the per-image differences (normal approximation; McNemar's setting).
@@ -348,5 +375,5 @@ def study_markdown(name: str, rows: list[dict[str, Any]]) -> str:
 
 
 __all__ = ["STUDY_COLUMNS", "accuracies", "check_rows", "dispersion_chance", "paired_difference", "portable",
-           "reproduction_report", "study_markdown", "study_row", "table_markdown",
+           "reproduction_report", "rerun_differs", "reruns_markdown", "study_markdown", "study_row", "table_markdown",
            "table_rows", "trend_rows"]

@@ -241,6 +241,7 @@ def rebuild_tables(log=print, transfers: bool = True) -> None:
   runs_dir = os.path.join(FLAGS.runs_root, FLAGS.scale)
   out_dir = os.path.join(FLAGS.results_root, FLAGS.scale)
   os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+  kept = set()  # reruns whose committed (first) results the tables keep
   for tbl in _tables():
     results, found_transfers = {}, {}
     for row, cfg in paper.runs_of(tbl, FLAGS.scale):
@@ -250,8 +251,18 @@ def rebuild_tables(log=print, transfers: bool = True) -> None:
         results[name] = files.read_json(path)
         if "zero_dispersion" in tbl.columns:
           results[name] = _add_structure(os.path.join(runs_dir, name), results[name], log=log)
-        files.write_json_atomic(os.path.join(out_dir, "runs", name + ".json"),
-                                reports.portable(results[name]))
+        committed = files.read_json(_committed(name)) if os.path.exists(_committed(name)) else None
+        if committed is not None and reports.rerun_differs(committed, results[name]):
+          # A rerun of a committed run: the table keeps the first run; the rerun is recorded beside it.
+          rerun_path = os.path.join(out_dir, "reruns", name + ".json")
+          if not os.path.exists(rerun_path):
+            log(reports.reproduction_report(name, committed, results[name]) + "; the tables keep the "
+                f"committed results, the rerun goes to {rerun_path}")
+          files.write_json_atomic(rerun_path, reports.portable(results[name]))
+          results[name] = committed
+          kept.add(name)
+        else:
+          files.write_json_atomic(_committed(name), reports.portable(results[name]))
       elif os.path.exists(_committed(name)):  # the run directory is on another machine
         results[name] = files.read_json(_committed(name))
     for row in tbl.rows:
@@ -275,12 +286,25 @@ def rebuild_tables(log=print, transfers: bool = True) -> None:
       curves = {}
       for row, cfg in paper.runs_of(tbl, FLAGS.scale):
         name = paper.run_name(cfg)
-        metrics = (files.read_jsonl(os.path.join(runs_dir, name, "metrics.jsonl"))
+        metrics = ((name not in kept and files.read_jsonl(os.path.join(runs_dir, name, "metrics.jsonl")))
                    or results_history(_committed(name)))
         if metrics:
           curves[row.net] = ([m["epoch"] for m in metrics], [m["m_bound"] for m in metrics])
       if curves:
         plots.m_curves(os.path.join(out_dir, "fig2_m_bound.png"), curves)
+  _write_reruns(out_dir, log)
+
+
+def _write_reruns(out_dir: str, log=print) -> None:
+  """``reruns.md`` from every rerun kept under ``<out_dir>/reruns`` beside its committed results."""
+  from enquant import files, reports  # pylint: disable=g-import-not-at-top
+  rerun_dir = os.path.join(out_dir, "reruns")
+  names = sorted(f[:-5] for f in os.listdir(rerun_dir) if f.endswith(".json")) if os.path.isdir(rerun_dir) else []
+  entries = [(n, files.read_json(_committed(n)), files.read_json(os.path.join(rerun_dir, n + ".json")))
+             for n in names if os.path.exists(_committed(n))]
+  if entries:
+    files.write_text_atomic(os.path.join(out_dir, "reruns.md"), reports.reruns_markdown(FLAGS.scale, entries))
+    log(f"{len(entries)} rerun(s) -> {out_dir}/reruns.md")
 
 
 def _kernel_panels(workdir: str, count: int = 4, channels: bool = False):

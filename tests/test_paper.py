@@ -133,14 +133,29 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
   listing = subprocess.run(common + ["--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert listing.returncode == 0, listing.stderr[-2000:]
   assert listing.stdout.count(" done  ") == 2 and "missing  fmnist-En2ResNet20" in listing.stdout
+  # Both runs were committed before: the BR row without A2-eot5 (the run directory extends it: same
+  # numbers), the float row with another N (the run directory is a rerun that differs).
+  names = [paper.run_name(paper.build_config(row, "cpu")) for row in done]
+  (out / "cpu" / "runs").mkdir(parents=True)
+  first = _fake_results(paper.build_config(done[0], "cpu"), 0.99, 0.98)
+  del first["robust"]["accuracy"]["A2-eot5"]
+  (out / "cpu" / "runs" / (names[0] + ".json")).write_text(json.dumps(first))
+  (out / "cpu" / "runs" / (names[1] + ".json")).write_text(json.dumps(
+      _fake_results(paper.build_config(done[1], "cpu"), 0.985, 0.98)))
   rebuild = subprocess.run(common + ["--tables_only"], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
   assert rebuild.returncode == 0, rebuild.stderr[-2000:]
+  assert f"warning: {names[1]} differs from its committed results: N 0.985 -> 0.98 (-0.50)" in rebuild.stdout
+  assert names[0] not in (out / "cpu" / "reruns.md").read_text()
+  assert "| 98.50 -> 98.00 (-0.50) |" in (out / "cpu" / "reruns.md").read_text()
+  assert json.loads((out / "cpu" / "reruns" / (names[1] + ".json")).read_text())["natural_accuracy"] == 0.98
+  assert json.loads((out / "cpu" / "runs" / (names[1] + ".json")).read_text())["natural_accuracy"] == 0.985
+  assert "A2-eot5" in json.loads((out / "cpu" / "runs" / (names[0] + ".json")).read_text())["robust"]["accuracy"]
   md = (out / "cpu" / "table_VIII.md").read_text()
   assert "first 30,000 training images" in md  # the reduced protocol is stated in the header
   assert "Seeds: training 0 (" in md and "evaluation 1234; one training run per row." in md
-  # MNIST BR: paper N 99.22, ours 99.00 -> diff -0.22; float: ours 98.00 vs 99.21 -> -1.21.
-  assert "| 99.22 | 99.00 | -0.22 |" in md and "| 99.21 | 98.00 | -1.21 |" in md
+  # MNIST BR: paper N 99.22, ours 99.00 -> diff -0.22; float: the committed 98.50 vs 99.21 -> -0.71.
+  assert "| 99.22 | 99.00 | -0.22 |" in md and "| 99.21 | 98.50 | -0.71 |" in md
   assert md.count("pending") >= 5 * (len(tbl.rows) - 2)
   rows = json.loads((out / "cpu" / "table_VIII.json").read_text())["rows"]
   assert [r["state"] for r in rows].count("done") == 2
