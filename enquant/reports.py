@@ -109,8 +109,9 @@ def reruns_markdown(scale: str, reruns: list[tuple[str, dict, dict]]) -> str:
   keys = sorted({k for _, c, r in reruns for k in accuracies(c).keys() & accuracies(r).keys()},
                 key=lambda k: (k != "N", k))
   lines = [f"# Reruns of committed runs ({scale} scale)", "",
-           "The same configuration (same run name, seeds and software) trained again, here against its committed "
-           "results: committed -> rerun (difference in points). The tables keep the committed (first) run; a "
+           "The same configuration and seeds (the same run name) trained again, possibly on another machine and a "
+           "later commit of enquant (package versions: each file's `software`), against its committed results: "
+           "committed -> rerun (difference in points). The tables keep the committed (first) run; a "
            "rerun that differs measures how far training, not the test sample, moves a row. Each rerun's "
            f"results: `results/{scale}/reruns/<run>.json`.", "",
            "| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
