@@ -171,7 +171,11 @@ def check_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
                  "committed results: --run=<its name>)")
       sides.append(None if state != "done" else _masks(res, transfer))
     entry: dict[str, Any] = {"check": check.label, "state": state, "columns": {}}
-    if state == "done":
+    carried = _carried_check(check, scale, transfers) if state not in ("done", "pending") else None
+    if carried is not None:  # a transfer kept without masks, its check computed when the models existed
+      entry = dict(carried[0], check=check.label,
+                   verdict=f"{carried[0]['verdict']} (computed before; {carried[1]})")
+    elif state == "done":
       for column in check.columns:
         key = "natural" if column == "N" else column
         entry["columns"][column] = paired_difference(sides[0][key], sides[1][key])
@@ -182,6 +186,19 @@ def check_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
                                     if v in verdicts))
     out.append(entry)
   return out
+
+
+def _carried_check(check, scale: str, transfers: dict[tuple, dict]):
+  """``(check entry, source)`` kept inside a transfer evaluation that was reconstructed without per-image
+  masks (its models gone), or None."""
+  row = check.better
+  if row.oracle is None:
+    return None
+  key = tuple(paper_lib.run_name(paper_lib.build_config(r, scale)) for r in (row, row.oracle))
+  transfer = transfers.get(key) or {}
+  if "check" not in transfer or "masks" in transfer:
+    return None
+  return transfer["check"], transfer.get("reconstructed_from", "kept without masks")
 
 
 def _dispersion_channels(res: dict[str, Any]) -> int | None:
@@ -338,9 +355,9 @@ STUDY_COLUMNS = ("epochs", "N", "A1", "A2", "A3", "weight sparsity", "channel sp
 
 
 def portable(results: dict) -> dict:
-  """A run's results as committed under ``results/``: its machine's absolute paths made relative to the
-  cwd."""
-  return {k: os.path.relpath(v) if k in ("workdir", "dataset_source") and isinstance(v, str)
+  """A run's results (or a transfer evaluation) as committed under ``results/``: its machine's absolute
+  paths made relative to the cwd."""
+  return {k: os.path.relpath(v) if k in ("workdir", "dataset_source", "oracle") and isinstance(v, str)
           and os.path.isabs(v) else v for k, v in results.items()}
 
 

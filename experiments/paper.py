@@ -158,10 +158,15 @@ def _config_of(workdir: str):
 
 def _transfer(target_dir: str, oracle_dir: str, log=print) -> dict | None:
   """Transfer evaluation of a finished target run on a finished oracle's examples (cached as JSON)."""
-  from enquant import data as data_lib, files, pipeline  # pylint: disable=g-import-not-at-top
+  from enquant import data as data_lib, files, pipeline, reports  # pylint: disable=g-import-not-at-top
   path = os.path.join(target_dir, f"evaluation-transfer-{os.path.basename(oracle_dir)}.json")
+  kept = _kept_transfer(os.path.basename(target_dir), os.path.basename(oracle_dir))
   if os.path.exists(path):
-    return files.read_json(path)
+    result = files.read_json(path)
+    files.write_json_atomic(kept, reports.portable(result))  # committed, like a run's results
+    return result
+  if os.path.exists(kept):  # the run directories are on another machine
+    return files.read_json(kept)
   states = (_state(target_dir), _state(oracle_dir))
   if states != ("done", "done"):
     if all(_finished(st) for st in states):
@@ -178,8 +183,14 @@ def _transfer(target_dir: str, oracle_dir: str, log=print) -> dict | None:
                                       resume_path=path[:-5] + "-progress.json")
   result.update(oracle=os.path.abspath(oracle_dir))
   files.write_json_atomic(path, result)
+  files.write_json_atomic(kept, reports.portable(result))
   files.remove_if_exists(path[:-5] + "-progress.json")
   return result
+
+
+def _kept_transfer(target: str, oracle: str) -> str:
+  """Where a transfer evaluation is kept with the repository (``results/<scale>/transfers/``)."""
+  return os.path.join(FLAGS.results_root, FLAGS.scale, "transfers", f"{target}--{oracle}.json")
 
 
 def add_masks(log=print) -> None:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -204,6 +205,34 @@ def test_committed_results_count_as_finished_without_their_run_directories(tmp_p
   assert not (runs / "cpu" / names[1]).exists()  # and no run directory was made for it
 
 
+def test_transfer_evaluations_are_kept_with_the_results_and_outlive_the_run_directories(tmp_path):
+  runs, out = tmp_path / "runs", tmp_path / "results"
+  t3 = paper.table("III")
+  row = t3.rows[0]
+  rng = np.random.default_rng(1)
+  correct = {k: rng.random(50) < 0.7 for k in ("natural", "A1", "A2", "A3")}
+  target, oracle = (paper.run_name(paper.build_config(r, "cpu")) for r in (row, row.oracle))
+  for name, r in ((target, row), (oracle, row.oracle)):
+    (runs / "cpu" / name).mkdir(parents=True)
+    (runs / "cpu" / name / "results.json").write_text(json.dumps(
+        _masked_results(paper.build_config(r, "cpu"), correct)))
+  transfer = _masked_results(paper.build_config(row, "cpu"), correct)["robust"]
+  transfer["oracle"] = str((runs / "cpu" / oracle).resolve())
+  (runs / "cpu" / target / f"evaluation-transfer-{oracle}.json").write_text(json.dumps(transfer))
+  common = [sys.executable, "-m", "experiments.paper", "--table=III", "--scale=cpu", "--tables_only",
+            f"--runs_root={runs}", f"--results_root={out}"]
+  first = subprocess.run(common, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert first.returncode == 0, first.stderr[-2000:]
+  kept = json.loads((out / "cpu" / "transfers" / f"{target}--{oracle}.json").read_text())
+  assert kept["masks"] == transfer["masks"] and not os.path.isabs(kept["oracle"])
+  shutil.rmtree(runs)  # a new machine: only the committed files
+  again = subprocess.run(common, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert again.returncode == 0, again.stderr[-2000:]
+  rows = json.loads((out / "cpu" / "table_III.json").read_text())["rows"]
+  assert rows[0]["state"] == "done" and rows[0]["columns"]["A1"]["ours"] == pytest.approx(
+      100 * correct["A1"].mean())
+
+
 def test_paired_difference_matches_the_closed_form_and_reads_the_interval():
   # 100 images: 10 only the first model gets right, 4 only the second, 86 the same for both.
   first = np.zeros(100, bool)
@@ -297,6 +326,18 @@ def test_claim_checks_compare_two_runs_on_the_same_images():
   del results[target]["robust"]["masks"]
   got = reports.check_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
   assert got["state"].startswith("no per-image masks")
+  # A transfer kept without masks (its models gone) carries the check computed when they existed.
+  earlier = got_done = dict(reports.check_rows(
+      t3, "cpu", {target: _masked_results(paper.build_config(check.worse, "cpu"), base)},
+      {(target, oracle): transfer})[0])
+  kept = {k: v for k, v in transfer.items() if k != "masks"}
+  kept.update(check=earlier, reconstructed_from="an older table")
+  got = reports.check_rows(t3, "cpu", results, {(target, oracle): kept})[0]
+  assert got["columns"] == got_done["columns"] and got["verdict"] == "holds (computed before; an older table)"
+  kept["masks"] = transfer["masks"]  # with masks the check is computed again, never carried
+  results[target] = _masked_results(paper.build_config(check.worse, "cpu"), better)
+  got = reports.check_rows(t3, "cpu", results, {(target, oracle): kept})[0]
+  assert got["verdict"] == "3 inconclusive" and got["columns"]["A1"]["diff"] == 0.0
 
 
 def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
