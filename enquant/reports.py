@@ -109,9 +109,9 @@ def reruns_markdown(scale: str, reruns: list[tuple[str, dict, dict]]) -> str:
   keys = sorted({k for _, c, r in reruns for k in accuracies(c).keys() & accuracies(r).keys()},
                 key=lambda k: (k != "N", k))
   lines = [f"# Reruns of committed runs ({scale} scale)", "",
-           "The same configuration and seeds (the same run name) trained again, possibly on another machine and a "
-           "later commit of enquant (package versions: each file's `software`), against its committed results: "
-           "committed -> rerun (difference in points). The tables keep the committed (first) run; a "
+           "The same configuration and seeds (the same run name) trained again, possibly on another machine "
+           "and a later commit of enquant (package versions: each file's `software`), against its committed "
+           "results: committed -> rerun (difference in points). The tables keep the committed (first) run; a "
            "rerun that differs measures how far training, not the test sample, moves a row. Each rerun's "
            f"results: `results/{scale}/reruns/<run>.json`.", "",
            "| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -393,5 +393,5 @@ def study_markdown(name: str, rows: list[dict[str, Any]]) -> str:
 
 
 __all__ = ["STUDY_COLUMNS", "accuracies", "check_rows", "dispersion_chance", "paired_difference", "portable",
-           "reproduction_report", "rerun_differs", "reruns_markdown", "study_markdown", "study_row", "table_markdown",
-           "table_rows", "trend_rows"]
+           "reproduction_report", "rerun_differs", "reruns_markdown", "study_markdown", "study_row",
+           "table_markdown", "table_rows", "trend_rows"]

@@ -252,7 +252,7 @@ def rebuild_tables(log=print, transfers: bool = True) -> None:
   runs_dir = os.path.join(FLAGS.runs_root, FLAGS.scale)
   out_dir = os.path.join(FLAGS.results_root, FLAGS.scale)
   os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-  kept = set()  # reruns whose committed (first) results the tables keep
+  first_runs = set()  # reruns whose committed (first) results the tables keep
   for tbl in _tables():
     results, found_transfers = {}, {}
     for row, cfg in paper.runs_of(tbl, FLAGS.scale):
@@ -271,7 +271,7 @@ def rebuild_tables(log=print, transfers: bool = True) -> None:
                 f"committed results, the rerun goes to {rerun_path}")
           files.write_json_atomic(rerun_path, reports.portable(results[name]))
           results[name] = committed
-          kept.add(name)
+          first_runs.add(name)
         else:
           files.write_json_atomic(_committed(name), reports.portable(results[name]))
       elif os.path.exists(_committed(name)):  # the run directory is on another machine
@@ -297,7 +297,7 @@ def rebuild_tables(log=print, transfers: bool = True) -> None:
       curves = {}
       for row, cfg in paper.runs_of(tbl, FLAGS.scale):
         name = paper.run_name(cfg)
-        metrics = ((name not in kept and files.read_jsonl(os.path.join(runs_dir, name, "metrics.jsonl")))
+        metrics = ((name not in first_runs and files.read_jsonl(os.path.join(runs_dir, name, "metrics.jsonl")))
                    or results_history(_committed(name)))
         if metrics:
           curves[row.net] = ([m["epoch"] for m in metrics], [m["m_bound"] for m in metrics])
@@ -310,11 +310,13 @@ def _write_reruns(out_dir: str, log=print) -> None:
   """``reruns.md`` from every rerun kept under ``<out_dir>/reruns`` beside its committed results."""
   from enquant import files, reports  # pylint: disable=g-import-not-at-top
   rerun_dir = os.path.join(out_dir, "reruns")
-  names = sorted(f[:-5] for f in os.listdir(rerun_dir) if f.endswith(".json")) if os.path.isdir(rerun_dir) else []
+  names = (sorted(f[:-5] for f in os.listdir(rerun_dir) if f.endswith(".json"))
+           if os.path.isdir(rerun_dir) else [])
   entries = [(n, files.read_json(_committed(n)), files.read_json(os.path.join(rerun_dir, n + ".json")))
              for n in names if os.path.exists(_committed(n))]
   if entries:
-    files.write_text_atomic(os.path.join(out_dir, "reruns.md"), reports.reruns_markdown(FLAGS.scale, entries))
+    files.write_text_atomic(os.path.join(out_dir, "reruns.md"),
+                            reports.reruns_markdown(FLAGS.scale, entries))
     log(f"{len(entries)} rerun(s) -> {out_dir}/reruns.md")
 
 

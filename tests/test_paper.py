@@ -151,7 +151,8 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
   assert "| 98.50 -> 98.00 (-0.50) |" in (out / "cpu" / "reruns.md").read_text()
   assert json.loads((out / "cpu" / "reruns" / (names[1] + ".json")).read_text())["natural_accuracy"] == 0.98
   assert json.loads((out / "cpu" / "runs" / (names[1] + ".json")).read_text())["natural_accuracy"] == 0.985
-  assert "A2-eot5" in json.loads((out / "cpu" / "runs" / (names[0] + ".json")).read_text())["robust"]["accuracy"]
+  extended = json.loads((out / "cpu" / "runs" / (names[0] + ".json")).read_text())
+  assert "A2-eot5" in extended["robust"]["accuracy"]
   md = (out / "cpu" / "table_VIII.md").read_text()
   assert "first 30,000 training images" in md  # the reduced protocol is stated in the header
   assert "Seeds: training 0 (" in md and "evaluation 1234; one training run per row." in md

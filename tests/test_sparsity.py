@@ -62,7 +62,8 @@ def test_zero_dispersion_is_one_for_independent_zeros_and_k_for_whole_zero_chann
   assert r["total/zero_dispersion"] == pytest.approx((r["c/kernel/zero_dispersion"]
                                                        + r["d/kernel/zero_dispersion"]) / 2)  # 128 channels each
   assert r["total/dispersion_channels"] == 256
-  mixed = sparsity.weight_report({"c": {"kernel": iid}, "e": {"kernel": np.ones((1, 3, 3, 5, 4), np.float32)}})
+  dense = np.ones((1, 3, 3, 5, 4), np.float32)
+  mixed = sparsity.weight_report({"c": {"kernel": iid}, "e": {"kernel": dense}})
   assert mixed["total/dispersion_channels"] == 128  # the layer without a zero is not averaged
   assert mixed["total/in_channels"] == 133
   assert mixed["total/zero_dispersion"] == pytest.approx(r["d/kernel/zero_dispersion"])
