@@ -540,6 +540,24 @@ def runs_of(tbl: Table, scale: str) -> list[tuple[Row, ExperimentConfig]]:
   return out
 
 
+def find_run(name: str, scale: str) -> tuple[Row, ExperimentConfig]:
+  """The ``(row, config)`` of the table run called ``name`` at ``scale`` (as ``experiments.paper --list``
+  prints it); ValueError naming similar runs."""
+  runs = {run_name(c): (r, c) for t in TABLES.values() for r, c in runs_of(t, scale)}
+  if name not in runs:
+    prefix = name.rsplit("-", 1)[0]
+    close = sorted(n for n in runs if n.startswith(prefix)) or sorted(runs)[:5]
+    raise ValueError(f"--run={name} is no run of the paper's tables at --scale={scale}; e.g. "
+                     f"{', '.join(close)}")
+  return runs[name]
+
+
+def with_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+  """``cfg`` trained from another seed (initialisation, batches, noise, training attacks); the evaluation
+  key stays, so two seeds are compared on the same test images under the same attack keys."""
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+
+
 def measured(results: dict[str, Any], column: str, transfer: dict[str, Any] | None = None) -> float | None:
   """The number of ``column`` (percent, or M) from a run's ``results.json`` (or its transfer evaluation)."""
   if column == "M":
@@ -562,6 +580,6 @@ def measured(results: dict[str, Any], column: str, transfer: dict[str, Any] | No
   return None if value is None else 100 * value
 
 
-__all__ = ["CPU_NOTES", "Check", "Row", "SCALES", "TABLES", "Table", "Trend", "build_config", "cpu_kind",
+__all__ = ["CPU_NOTES", "Check", "Row", "SCALES", "TABLES", "Table", "Trend", "build_config", "cpu_kind", "find_run",
            "gpu_epochs", "gpu_note", "kernel_layer", "measured", "protocol", "run_name", "runs_of", "table",
-           "with_epochs"]
+           "with_epochs", "with_seed"]

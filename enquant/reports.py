@@ -392,6 +392,90 @@ def study_markdown(name: str, rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-__all__ = ["STUDY_COLUMNS", "accuracies", "check_rows", "dispersion_chance", "paired_difference", "portable",
-           "reproduction_report", "rerun_differs", "reruns_markdown", "study_markdown", "study_row",
-           "table_markdown", "table_rows", "trend_rows"]
+SEED_COLUMNS = ("N", "A1", "A2", "A3")
+
+
+def seed_row(results: dict, seed: int) -> dict[str, Any]:
+  """One row of a seeds study from a run's ``results.json``: N on the whole test set, A1-A3 on the
+  evaluated images (%), training minutes, and the per-image correctness for paired differences."""
+  robust = results.get("robust", {})
+  acc = robust.get("accuracy", {})
+  n = int(acc.get("n", 0))
+  masks = {k: evalfiles.unpack_mask(v, n) for k, v in robust.get("masks", {}).items()}
+  train = results.get("train_seconds")
+  return {"seed": seed, "N": 100 * results["natural_accuracy"],
+          **{a: None if a not in acc else 100 * acc[a] for a in SEED_COLUMNS[1:]},
+          "train min": None if train is None else train / 60, "masks": masks}
+
+
+def across_seeds(values: list[float]) -> dict[str, Any]:
+  """Mean, sample sd and the 95 % Student-t interval of the mean of per-seed ``values`` (e.g. one
+  difference between two configurations per training seed): what training noise leaves of a claim."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top  (a JAX dependency)
+  v = np.asarray(values, np.float64)
+  if v.ndim != 1 or v.size < 2:
+    raise ValueError(f"across_seeds needs >= 2 values, got {v.size}")
+  mean, sd = float(v.mean()), float(v.std(ddof=1))
+  half = float(stats.t.ppf(0.975, v.size - 1)) * sd / math.sqrt(v.size)
+  verdict = "holds" if mean - half > 0 else "reversed" if mean + half < 0 else "inconclusive"
+  return {"mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "seeds": int(v.size),
+          "verdict": verdict}
+
+
+def seeds_markdown(runs: list[str], rows: dict[str, list[dict[str, Any]]]) -> tuple[str, dict]:
+  """The seeds study of one run (its spread over training seeds) or of two (``runs[0] - runs[1]`` per
+  seed, on the same test images, and across seeds) as Markdown, with the numbers as a dict."""
+  def fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+  lines = [f"# Training seeds: {' vs '.join(runs)}", "",
+           f"`python -m experiments.seeds_study --runs={','.join(runs)}`: each configuration trained again "
+           "from other seeds (initialisation, batches, noise, training attacks); seed 0 is the table's run. "
+           "Evaluation images and attack keys are the same for every seed. N on the whole test set, A1-A3 "
+           "on the evaluated images, in %.", "",
+           "| run | seed | " + " | ".join(SEED_COLUMNS) + " | train min |",
+           "|---|---|" + "---|" * (len(SEED_COLUMNS) + 1)]
+  summary: dict[str, Any] = {"runs": runs, "spread": {}, "difference": None}
+  for run in runs:
+    for r in rows[run]:
+      lines.append(f"| {run} | {r['seed']} | " + " | ".join(fmt(r[c]) for c in SEED_COLUMNS)
+                   + f" | {fmt(r['train min'], '.1f')} |")
+  lines += ["", "Spread over seeds (sample sd, points):", "", "| run | seeds | " + " | ".join(SEED_COLUMNS)
+            + " |", "|---|---|" + "---|" * len(SEED_COLUMNS)]
+  for run in runs:
+    spread = {c: float(np.std([r[c] for r in rows[run]], ddof=1)) if len(rows[run]) > 1
+              and all(r[c] is not None for r in rows[run]) else None for c in SEED_COLUMNS}
+    summary["spread"][run] = spread
+    lines.append(f"| {run} | {len(rows[run])} | " + " | ".join(fmt(spread[c]) for c in SEED_COLUMNS) + " |")
+  if len(runs) == 2:
+    a, b = ({r["seed"]: r for r in rows[run]} for run in runs)
+    seeds = sorted(set(a) & set(b))
+    lines += ["", f"{runs[0]} minus {runs[1]}, per seed (paired on the evaluated images, 95 % interval) and "
+              "across seeds (mean, sd, 95 % t interval of the mean over seeds):", "",
+              "| seed | " + " | ".join(SEED_COLUMNS) + " |", "|---|" + "---|" * len(SEED_COLUMNS)]
+    per_seed = {c: [] for c in SEED_COLUMNS}
+    for s in seeds:
+      cells = []
+      for c in SEED_COLUMNS:
+        mask = "natural" if c == "N" else c
+        d = a[s][c] - b[s][c] if a[s][c] is not None and b[s][c] is not None else None
+        if d is not None:
+          per_seed[c].append(d)
+        if mask in a[s]["masks"] and mask in b[s]["masks"]:
+          pd = paired_difference(a[s]["masks"][mask], b[s]["masks"][mask])
+          cells.append(f"{pd['diff']:+.2f} [{pd['low']:+.2f}, {pd['high']:+.2f}]" + (
+              f" (all images {d:+.2f})" if c == "N" and d is not None else ""))
+        else:
+          cells.append("-" if d is None else f"{d:+.2f}")
+      lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    over = {c: across_seeds(v) if len(v) >= 2 else None for c, v in per_seed.items()}
+    lines.append("| across seeds | " + " | ".join(
+        "-" if o is None else f"{o['mean']:+.2f} (sd {o['sd']:.2f}) [{o['low']:+.2f}, {o['high']:+.2f}]: "
+        f"{o['verdict']}" for o in over.values()) + " |")
+    summary["difference"] = {"seeds": seeds, "per_seed": per_seed, "across_seeds": over}
+  return "\n".join(lines) + "\n", summary
+
+
+__all__ = ["STUDY_COLUMNS", "SEED_COLUMNS", "accuracies", "across_seeds", "check_rows", "dispersion_chance",
+           "paired_difference", "portable", "reproduction_report", "rerun_differs", "reruns_markdown",
+           "seed_row", "seeds_markdown", "study_markdown", "study_row", "table_markdown", "table_rows",
+           "trend_rows"]

@@ -29,17 +29,6 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.mark_flag_as_required("run")
 FLAGS = flags.FLAGS
 
-def find_run(name: str, scale: str):
-  """The ``(row, config)`` of the table run called ``name`` at ``scale``; ValueError naming similar runs."""
-  from enquant import paper  # pylint: disable=g-import-not-at-top
-  runs = {paper.run_name(c): (r, c) for t in paper.TABLES.values() for r, c in paper.runs_of(t, scale)}
-  if name not in runs:
-    prefix = name.rsplit("-", 1)[0]
-    close = sorted(n for n in runs if n.startswith(prefix)) or sorted(runs)[:5]
-    raise ValueError(f"--run={name} is no run of the paper's tables at --scale={scale}; e.g. "
-                     f"{', '.join(close)}")
-  return runs[name]
-
 
 def main(argv):
   del argv
@@ -51,7 +40,7 @@ def main(argv):
       raise app.UsageError(f"--epochs must be positive integers, got {e!r}")
     epochs.append(int(e))
   try:
-    _, cfg = find_run(FLAGS.run, FLAGS.scale)
+    _, cfg = paper.find_run(FLAGS.run, FLAGS.scale)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   out_dir = os.path.join(FLAGS.results_root, FLAGS.scale)

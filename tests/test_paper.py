@@ -465,3 +465,55 @@ def test_epochs_study_refuses_bad_flags_in_one_line():
                         (["--run=fmnist-ResNet8-br2b-natural-141eb115", "--epochs=24,0"], "positive integers")):
     got = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert got.returncode != 0 and message in got.stderr and "Traceback" not in got.stderr, got.stderr[-1000:]
+
+
+def test_across_seeds_is_the_student_t_interval_of_the_mean():
+  got = reports.across_seeds([1.0, 2.0, 3.0])
+  half = 4.302653 * 1.0 / np.sqrt(3)  # t(0.975, df 2), sd 1
+  np.testing.assert_allclose([got["mean"], got["sd"], got["low"], got["high"]], [2, 1, 2 - half, 2 + half],
+                             rtol=1e-6)
+  assert got["verdict"] == "inconclusive" and got["seeds"] == 3
+  assert reports.across_seeds([3.0, 4.0, 5.0])["verdict"] == "holds"
+  assert reports.across_seeds([-3.0, -4.0, -5.0])["verdict"] == "reversed"
+  with pytest.raises(ValueError, match=">= 2 values"):
+    reports.across_seeds([1.0])
+
+
+def test_seeds_study_compares_two_runs_per_seed_and_across_seeds():
+  def results(nat, a1, mask):
+    n = len(mask)
+    packed = evalfiles.pack_mask(np.asarray(mask, bool))
+    return {"natural_accuracy": nat, "train_seconds": 120.0,
+            "robust": {"accuracy": {"natural": np.mean(mask), "A1": a1, "n": n},
+                       "masks": {"natural": packed, "A1": packed}}}
+  a = [reports.seed_row(results(0.80, 0.75, [1, 1, 1, 0]), 0), reports.seed_row(results(0.82, 0.70, [1, 1, 0, 0]), 1)]
+  b = [reports.seed_row(results(0.78, 0.74, [1, 0, 0, 0]), 0), reports.seed_row(results(0.81, 0.72, [1, 1, 0, 0]), 1)]
+  assert a[0]["train min"] == 2.0 and a[0]["A2"] is None
+  text, summary = reports.seeds_markdown(["a", "b"], {"a": a, "b": b})
+  np.testing.assert_allclose(summary["difference"]["per_seed"]["N"], [2.0, 1.0])
+  np.testing.assert_allclose(summary["difference"]["per_seed"]["A1"], [1.0, -2.0])
+  over = summary["difference"]["across_seeds"]
+  assert over["N"]["mean"] == pytest.approx(1.5) and over["A2"] is None
+  assert summary["spread"]["a"]["N"] == pytest.approx(np.std([80, 82], ddof=1))
+  lines = text.splitlines()
+  # Seed 0's A1, paired on the 4 images: masks differ on 2 of them (+50 points).
+  seed0 = next(l for l in lines if l.startswith("| 0 |"))
+  assert "+50.00 [" in seed0 and "(all images +2.00)" in seed0
+  assert any(l.startswith("| across seeds | +1.50 (sd 0.71)") for l in lines)
+
+
+def test_seed_variants_keep_the_evaluation_and_refuse_bad_flags():
+  _, cfg = paper.find_run("fmnist-En1ResNet8-br1b-at-4e0638c4", "cpu")
+  again = paper.with_seed(cfg, 3)
+  assert again.train.seed == 3 and again.eval == cfg.eval and again.model == cfg.model
+  assert dataclasses.replace(again, train=cfg.train) == cfg
+  assert paper.run_name(again) != paper.run_name(cfg)
+  with pytest.raises(ValueError, match="is no run of the paper's tables"):
+    paper.find_run("fmnist-En1ResNet8-nope-00000000", "cpu")
+  base = [sys.executable, "-m", "experiments.seeds_study", "--runs=fmnist-En1ResNet8-br1b-at-4e0638c4"]
+  for args, message in ((["--seeds=1,0"], "distinct positive integers"),
+                        (["--seeds=1", "--runs_root=/nonexistent", "--results_root=/nonexistent"],
+                         "has no results yet")):
+    got = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert got.returncode == 2 and got.stderr.strip().splitlines()[-1].startswith("error: "), got.stderr
+    assert message in got.stderr and "Traceback" not in got.stderr
