@@ -274,7 +274,7 @@ _register(Table("VIII", "Generalization to more datasets (loss (6), alpha=1, bet
 
 
 def _add_checks() -> None:
-  """The paired comparisons of the claims that a comparison of two rows can test (I, II, III, V, VI)."""
+  """The paired comparisons of the claims that a comparison of two rows can test (I, II, III, V, VI, VIII)."""
   c = "cifar10"
   br = lambda n, **kw: Row(c, n, quant="br", **kw)
   resnet34 = dict(noise=0.0, stages=(5, 5, 6))
@@ -295,6 +295,10 @@ def _add_checks() -> None:
       "VI": tuple(Check(f"alpha=1 raises N, En{n}ResNet20 BR, beta={b}", br(n, loss="tradeoff", beta=float(b)),
                         br(n, loss="at"), ("N",)) for n in (1, 2, 5) for b in (4, 8)),
   }
+  viii = TABLES["VIII"].rows  # every quantized row against the float row of its dataset and net
+  checks["VIII"] = tuple(
+      Check(f"float beats {q.quant_label}, {q.net} {q.dataset}", f, q, _ACC) for q in viii if q.quant != "float"
+      for f in viii if f.quant == "float" and (f.dataset, f.net) == (q.dataset, q.net))
   for name, table_checks in checks.items():
     TABLES[name] = dataclasses.replace(TABLES[name], checks=table_checks)
   iv = TABLES["IV"].rows  # n = 1, 2, 3, 5

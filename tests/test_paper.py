@@ -288,6 +288,16 @@ def _masked_results(cfg, correct: dict[str, np.ndarray]):
   return res
 
 
+def test_table_viii_checks_pair_each_quantized_row_with_its_float_row():
+  checks = paper.table("VIII").checks
+  quantized = [r for r in paper.table("VIII").rows if r.quant != "float"]
+  assert [c.worse for c in checks] == quantized
+  for c in checks:
+    assert c.better.quant == "float" and c.columns == ("N", "A1", "A2", "A3")
+    assert dataclasses.replace(c.better, quant=c.worse.quant, bits=c.worse.bits, paper=()) == \
+        dataclasses.replace(c.worse, paper=())  # the same dataset, net, loss: only the weights differ
+
+
 def test_claim_checks_compare_two_runs_on_the_same_images():
   rng = np.random.default_rng(0)
   base = {k: rng.random(1000) < 0.7 for k in ("natural", "A1", "A2", "A3")}
