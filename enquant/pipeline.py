@@ -19,14 +19,10 @@ from enquant import checkpoint as ckpt_lib
 from enquant import config as config_lib
 from enquant import data as data_lib
 from enquant import distributed
-from enquant import evalfiles
-from enquant import evaluate as evaluate_lib
-from enquant import export as export_lib
 from enquant import files
 from enquant import losses
-from enquant import plots
-from enquant import prune as prune_lib
 from enquant import quant
+from enquant import run_results
 from enquant import sparsity
 from enquant import tensorboard as tensorboard_lib
 from enquant import train as train_lib
@@ -182,7 +178,7 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
   if not main:  # process 0 speaks and writes for the whole job
     log, progress = (lambda *_: None), False
   check_workdir(cfg, workdir, overwrite=overwrite)
-  eval_specs(cfg)  # bad attack names fail now, not after training
+  run_results.eval_specs(cfg)  # bad attack names fail now, not after training
   objective = losses.make_objective(cfg.loss)
   ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source,
                      max_train=cfg.max_train or None, max_test=cfg.max_test or None)
@@ -285,8 +281,8 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
 
     if main:
       t_eval = time.time()
-      results = final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step, progress=progress,
-                              log=log, workdir=workdir)
+      results = run_results.final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step,
+                                          progress=progress, log=log, workdir=workdir)
       # wall_seconds: this call only; train_seconds: every epoch of every call (a resumed run's too).
       results.update(config=cfg.to_dict(), model_name=cfg.model.name, num_params=n_params,
                      dataset_source=ds.source, software=software_versions(),
@@ -295,7 +291,7 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
                      workdir=os.path.abspath(workdir))
       if (tb := summaries()) is not None:
         tb.final(tcfg.epochs, results)
-      files.write_text_atomic(os.path.join(workdir, "results.md"), markdown_row(results))
+      files.write_text_atomic(os.path.join(workdir, "results.md"), run_results.markdown_row(results))
       files.write_json_atomic(os.path.join(workdir, "results.json"), results)
       files.remove_if_exists(os.path.join(workdir, "evaluation_progress.json"))  # its results are in
     else:
@@ -303,8 +299,8 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
       # writing into a scratch folder that is thrown away.
       import tempfile  # pylint: disable=g-import-not-at-top
       with tempfile.TemporaryDirectory(prefix="enquant-process-") as scratch:
-        results = final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step, progress=False,
-                                log=log, workdir=scratch)
+        results = run_results.final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step,
+                                            progress=False, log=log, workdir=scratch)
   finally:
     if writer:
       writer.close()
@@ -361,183 +357,3 @@ def epoch_extras(state, cfg: ExperimentConfig) -> dict[str, float]:
     extras.update(weight_sparsity=report["total/weight_sparsity"],
                   channel_sparsity=report["total/channel_sparsity"])
   return extras
-
-
-def eval_specs(cfg: ExperimentConfig):
-  """The final evaluation's attacks: ``cfg.eval.attacks`` at ``cfg.eval.eps``, plus EOT variants for
-  randomized models, plus every attack again at each of ``cfg.eval.extra_eps`` (named ``<name>@<eps>``)."""
-  base = list(evaluate_lib.parse_attacks(cfg.eval.attacks, eps=cfg.eval.eps))
-  if cfg.model.noise_coef > 0 and cfg.eval.eot_samples > 1:
-    base += [dataclasses.replace(s, name=f"{s.name}-eot{cfg.eval.eot_samples}",
-                                 eot_samples=cfg.eval.eot_samples)
-             for s in base if s.kind != "none" and s.eot_samples == 1]
-  specs = list(base)
-  for eps in cfg.eval.extra_eps:
-    for spec in evaluate_lib.parse_attacks(cfg.eval.attacks, eps=eps):
-      if spec.kind != "none":
-        specs.append(dataclasses.replace(spec, name=f"{spec.name}@{eps:g}"))
-  return tuple(specs)
-
-
-def robust_evaluation(cfg: ExperimentConfig, model: EnResNet, variables, images, labels, *,
-                      progress: bool, oracle=None, resume_path: str | None = None) -> dict[str, Any]:
-  """Natural + robust accuracy on ``images`` for :func:`eval_specs` (white-box, or transferred from
-  ``oracle = (model, variables)``), with the settings and a RobustBench-style entry; ``resume_path``
-  records finished (batch, attack) units and resumes from them (:mod:`enquant.evaluate`)."""
-  specs = eval_specs(cfg)
-  key = jax.random.PRNGKey(cfg.eval.seed)
-  target_fn = jax.tree_util.Partial(model.apply_eval, variables)
-  if oracle is None:
-    acc, masks = evaluate_lib.evaluate(target_fn, images, labels, specs,
-                                       batch_size=cfg.eval.batch_size, key=key, progress=progress,
-                                       max_unroll=cfg.eval.max_unroll, return_masks=True,
-                                       resume_path=resume_path)
-  else:
-    oracle_fn = jax.tree_util.Partial(oracle[0].apply_eval, oracle[1])
-    acc, masks = evaluate_lib.transfer(oracle_fn, target_fn, images, labels, specs,
-                                       batch_size=cfg.eval.batch_size, key=key, progress=progress,
-                                       max_unroll=cfg.eval.max_unroll, return_masks=True,
-                                       resume_path=resume_path)
-  # Per-image correctness (hex, evaluate.pack_mask): paired comparisons of two runs on the same images.
-  out: dict[str, Any] = {"accuracy": acc, "attacks": [s.to_dict() for s in specs],
-                         "eval_seed": cfg.eval.seed, "examples": int(acc["n"]),
-                         "masks": {k: evalfiles.pack_mask(v) for k, v in masks.items()}}
-  # The RobustBench-style row: per image, the worst case over every attack run at the main eps (an
-  # image counts as robust only if no attack broke it), not the single strongest attack's accuracy.
-  at_eps = [s.name for s in specs if s.kind != "none" and s.eps == cfg.eval.eps]
-  if at_eps:
-    worst = evaluate_lib.worst_case(masks, at_eps)
-    acc_worst = dict(acc, worst_case=float(worst.mean()))
-    out["accuracy_worst_case"] = float(worst.mean())
-    out["robustbench"] = dict(evaluate_lib.robustbench_entry(acc_worst, "worst_case", eps=cfg.eval.eps),
-                              attacks=at_eps, aggregation="per-image worst case")
-  return out
-
-
-def efficiency_report(cfg: ExperimentConfig, model: EnResNet, variables, ds, workdir: str, *,
-                      log) -> dict[str, Any]:
-  """Sparsity (ours and the paper's counting), M bound, bit-packed size, and channel pruning."""
-  params = jax.device_get(variables["params"])
-  shape = ds.test_images.shape[1:]
-  out: dict[str, Any] = {"bits": cfg.quant.bits if cfg.quant.enabled else 32,
-                         "flops_per_image": prune_lib.flops(cfg.model, shape)}
-  report = sparsity.weight_report(params)
-  paper = sparsity.weight_report(params, sparsity.spatial_conv_mask)
-  out["sparsity"] = {k: v for k, v in report.items() if k.startswith("total/")}
-  out["sparsity_paper_counting"] = {k: v for k, v in paper.items() if k.startswith("total/")}
-  out["sparsity_per_layer"] = {k: v for k, v in report.items()
-                               if k.endswith(("weight_sparsity", "channel_sparsity"))
-                               and not k.startswith("total/")}
-  if not cfg.quant.enabled:
-    return out
-  packed = export_lib.pack(params, cfg.quant.bits, cfg.quant.ternary_method)
-  path = os.path.join(workdir, "model_packed.npz")
-  export_lib.save(path, packed, batch_stats=variables["batch_stats"], model_config=cfg.model,
-                  input_shape=shape)
-  out["packed"] = dict(export_lib.size_report(params, packed), file=os.path.basename(path),
-                       file_bytes=os.path.getsize(path))
-  log(f"packed {cfg.quant.bits}-bit model: {out['packed']['packed_bytes'] / 1024:.1f} KiB "
-      f"(float32 {out['packed']['float32_bytes'] / 1024:.1f} KiB) -> {path}")
-  if cfg.quant.bits >= 2:
-    n = min(len(ds.test_images), cfg.eval.max_examples or len(ds.test_images))
-    out["pruning"] = prune_lib.pruning_report(cfg.model, variables, ds.test_images[:n],
-                                              ds.test_labels[:n], jax.random.PRNGKey(cfg.eval.seed),
-                                              batch_size=cfg.eval.batch_size)
-  return out
-
-
-def final_results(cfg, model, state, ds, *, mesh, eval_step, progress, log, workdir) -> dict[str, Any]:
-  """Natural accuracy on the whole test set; robust accuracy, efficiency, figures and tables."""
-  variables = {"params": train_lib.eval_params(state, cfg.quant), "batch_stats": state.batch_stats}
-  acc = train_lib.natural_accuracy(eval_step, variables, ds.test_images, ds.test_labels,
-                                   batch_size=cfg.train.batch_size,
-                                   key=jax.random.PRNGKey(cfg.eval.seed), mesh=mesh)
-  log(f"final natural test accuracy: {acc:.4f} on {len(ds.test_images)} images")
-  results: dict[str, Any] = {"natural_accuracy": acc, "test_examples": len(ds.test_images)}
-  variables = jax.device_get(variables)
-  n = min(len(ds.test_images), cfg.eval.max_examples or len(ds.test_images))
-  if eval_specs(cfg):
-    # A killed evaluation resumes at its first unfinished (batch, attack) when the run is rerun.
-    results["robust"] = robust_evaluation(cfg, model, variables, ds.test_images[:n],
-                                          ds.test_labels[:n], progress=progress,
-                                          resume_path=os.path.join(workdir, "evaluation_progress.json"))
-    log("robust accuracy on %d images: %s" % (n, ", ".join(
-        f"{k}={v:.4f}" for k, v in results["robust"]["accuracy"].items() if k != "n")))
-    figure_examples(cfg, model, variables, ds, os.path.join(workdir, "adversarial_examples.png"))
-  results["efficiency"] = efficiency_report(cfg, model, variables, ds, workdir, log=log)
-  rows = files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  for name in ("m_bound", "m_bound_3x3"):  # the paper's M = max over epochs t of M_t (Table IV)
-    logged = [r for r in rows if name in r]
-    if logged:
-      best = max(logged, key=lambda r, n=name: r[n])
-      results[name], results[name + "_epoch"] = best[name], int(best["epoch"])
-  if rows:
-    results["history"] = rows  # per-epoch metrics, so the results file alone redraws the M_t curves
-    plots.training_curves(os.path.join(workdir, "training_curves.png"), rows)
-  return results
-
-
-def example_spec(cfg: ExperimentConfig, kind: str = "pgd"):
-  """The attack a Fig. 1-style picture shows: the evaluation's first single-sample attack of ``kind``, else
-  its first single-sample attack, else None."""
-  specs = [s for s in eval_specs(cfg) if s.kind != "none" and s.eot_samples == 1]
-  return next((s for s in specs if s.kind == kind), specs[0] if specs else None)
-
-
-def figure_examples(cfg, model, variables, ds, path: str, count: int = 8, kind: str = "pgd") -> None:
-  """Fig. 1-style PNG on the first test images for the evaluation's first single-sample attack of ``kind``
-  (the paper's Fig. 1: ``"fgsm"``), or its first attack when it has none of that kind."""
-  spec = example_spec(cfg, kind)
-  if spec is None:
-    return
-  x = data_lib.to_float(ds.test_images[:count])
-  y = jax.numpy.asarray(ds.test_labels[:count])
-  key = jax.random.PRNGKey(cfg.eval.seed)
-  fn = model.logits_fn(variables)
-  x_adv = jax.jit(lambda xx, yy, k: evaluate_lib.craft(spec, fn, xx, yy, k,
-                                                       max_unroll=cfg.eval.max_unroll))(x, y, key)
-  probs = lambda z: np.asarray(jax.nn.softmax(fn(z, key)))
-  plots.adversarial_examples(path, np.asarray(x), np.asarray(x_adv), ds.test_labels[:count],
-                             probs(x), probs(x_adv), eps=spec.eps, attack=spec.name)
-
-
-def markdown_row(results: dict[str, Any]) -> str:
-  """The paper-style table row (N, A1..A3 with and without EOT, sparsity, size) as Markdown."""
-  cfg = results["config"]
-  acc = results.get("robust", {}).get("accuracy", {})
-  eff = results.get("efficiency", {})
-  q = cfg["quant"]
-  cols = {"net": results["model_name"], "dataset": cfg["dataset"],
-          "quant": q["mode"] if q["mode"] == "float" else f"{q['mode']} {q['bits']}-bit",
-          "loss": cfg["loss"]["kind"] + (f" a={cfg['loss']['alpha']:g} b={cfg['loss']['beta']:g}"
-                                         if cfg["loss"]["kind"] in ("tradeoff", "trades") else ""),
-          "N": f"{100 * results['natural_accuracy']:.2f}%"}
-  for k, v in acc.items():
-    if k not in ("natural", "n"):
-      cols[k] = f"{100 * v:.2f}%"
-  if "robust" in results and "accuracy_worst_case" in results["robust"]:
-    cols["worst case"] = f"{100 * results['robust']['accuracy_worst_case']:.2f}%"
-  if "sparsity" in eff:
-    cols["weight sparsity"] = f"{100 * eff['sparsity']['total/weight_sparsity']:.2f}%"
-    cols["channel sparsity"] = f"{100 * eff['sparsity']['total/channel_sparsity']:.2f}%"
-  paper = eff.get("sparsity_paper_counting", {})
-  if "total/in_channel_sparsity" in paper:  # the paper's count: input channels of the 3x3 convs
-    cols["channel sparsity (paper)"] = (f"{100 * paper['total/in_channel_sparsity']:.2f}% "
-                                        f"({paper['total/zero_in_channels']:.0f}/{paper['total/in_channels']:.0f})")
-  if "total/zero_dispersion" in paper:  # 1: zeros scattered; 9 x out-channels: whole zero channels
-    cols["zero dispersion (3x3)"] = f"{paper['total/zero_dispersion']:.2f}"
-  if "m_bound" in results:
-    cols["M (all / 3x3)"] = f"{results['m_bound']:.4f} / {results['m_bound_3x3']:.4f}"
-  if "packed" in eff:
-    cols["packed KiB"] = f"{eff['packed']['packed_bytes'] / 1024:.1f}"
-  if "pruning" in eff:
-    pr = eff["pruning"]
-    cols["pruned FLOPs"] = f"{pr.get('flops_after', 0) / max(pr.get('flops_before', 1), 1):.1%}"
-  header = "| " + " | ".join(cols) + " |"
-  sep = "|" + "|".join("---" for _ in cols) + "|"
-  body = "| " + " | ".join(str(v) for v in cols.values()) + " |"
-  note = (f"\n\nRobust accuracy on the first {acc.get('n', 0)} test images, eps "
-          f"{cfg['eval']['eps']:.4g}; N on all {results['test_examples']}. "
-          "A1 FGSM, A2 IFGSM-20, A3 CW-l_inf (margin loss under PGD, not the legacy L2 attack); "
-          "-eotK: gradients averaged over K noise draws.\n") if acc else "\n"
-  return header + "\n" + sep + "\n" + body + note

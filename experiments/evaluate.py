@@ -63,16 +63,16 @@ def split_attacks(names: str) -> tuple[list[str], list[str]]:
 
 
 def autoattack_evaluation(cfg, model, variables, images, labels, versions, *, progress) -> dict:
-  """The run's attacks (:func:`enquant.pipeline.eval_specs`, same keys as the pipeline) and each
+  """The run's attacks (:func:`enquant.run_results.eval_specs`, same keys as the pipeline) and each
   AutoAttack version on the same images, with per-example masks for the per-image worst case."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from enquant import autoattack  # pylint: disable=g-import-not-at-top
   from enquant import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from enquant import pipeline  # pylint: disable=g-import-not-at-top
+  from enquant import run_results  # pylint: disable=g-import-not-at-top
 
-  specs = pipeline.eval_specs(cfg)
+  specs = run_results.eval_specs(cfg)
   key = jax.random.PRNGKey(cfg.eval.seed)
   target_fn = jax.tree_util.Partial(model.apply_eval, variables)
   acc, masks = evaluate_lib.evaluate(target_fn, images, labels, specs, batch_size=cfg.eval.batch_size,
@@ -131,6 +131,7 @@ def evaluate_run() -> dict:
   from enquant import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from enquant import files  # pylint: disable=g-import-not-at-top
   from enquant import pipeline  # pylint: disable=g-import-not-at-top
+  from enquant import run_results  # pylint: disable=g-import-not-at-top
 
   cfg, model, variables, _ = pipeline.load_run(FLAGS.run, data_dir=FLAGS.data_dir)
   overrides = {k: v for k, v in dict(attacks=FLAGS.attacks, eps=FLAGS.eps, eot_samples=FLAGS.eot_samples,
@@ -164,7 +165,7 @@ def evaluate_run() -> dict:
     result = autoattack_evaluation(cfg, model, variables, images, labels, versions,
                                    progress=FLAGS.progress)
   else:
-    result = pipeline.robust_evaluation(cfg, model, variables, images, labels,
+    result = run_results.robust_evaluation(cfg, model, variables, images, labels,
                                         progress=FLAGS.progress, oracle=oracle,
                                         resume_path=out[:-5] + "-progress.json")
   if FLAGS.sanity:

@@ -158,7 +158,7 @@ def _config_of(workdir: str):
 
 def _transfer(target_dir: str, oracle_dir: str, log=print) -> dict | None:
   """Transfer evaluation of a finished target run on a finished oracle's examples (cached as JSON)."""
-  from enquant import data as data_lib, files, pipeline, reports  # pylint: disable=g-import-not-at-top
+  from enquant import data as data_lib, files, pipeline, reports, run_results  # pylint: disable=g-import-not-at-top
   path = os.path.join(target_dir, f"evaluation-transfer-{os.path.basename(oracle_dir)}.json")
   kept = _kept_transfer(os.path.basename(target_dir), os.path.basename(oracle_dir))
   if os.path.exists(path):
@@ -178,7 +178,7 @@ def _transfer(target_dir: str, oracle_dir: str, log=print) -> dict | None:
   ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source, max_train=1)
   n = min(len(ds.test_images), cfg.eval.max_examples or len(ds.test_images))
   log(f"transfer: {os.path.basename(oracle_dir)} -> {os.path.basename(target_dir)} on {n} images")
-  result = pipeline.robust_evaluation(cfg, model, variables, ds.test_images[:n], ds.test_labels[:n],
+  result = run_results.robust_evaluation(cfg, model, variables, ds.test_images[:n], ds.test_labels[:n],
                                       progress=FLAGS.progress, oracle=(omodel, ovars),
                                       resume_path=path[:-5] + "-progress.json")
   result.update(oracle=os.path.abspath(oracle_dir))
@@ -196,7 +196,7 @@ def _kept_transfer(target: str, oracle: str) -> str:
 def add_masks(log=print) -> None:
   """Per-image masks for finished runs of the claim checks whose ``results.json`` predates them: the same
   robust evaluation again (same key, so the same numbers, verified) with its masks kept."""
-  from enquant import data as data_lib, files, paper, pipeline  # pylint: disable=g-import-not-at-top
+  from enquant import data as data_lib, files, paper, pipeline, run_results  # pylint: disable=g-import-not-at-top
   names = {paper.run_name(paper.build_config(row, FLAGS.scale)) for tbl in _tables() for check in tbl.checks
            for row in (check.better, check.worse)}
   for name in sorted(names):
@@ -213,7 +213,7 @@ def add_masks(log=print) -> None:
     n = int(robust["examples"])
     log(f"masks: re-evaluating {name} on {n} images")
     progress_path = os.path.join(workdir, "evaluation_progress.json")
-    again = pipeline.robust_evaluation(cfg, model, variables, ds.test_images[:n], ds.test_labels[:n],
+    again = run_results.robust_evaluation(cfg, model, variables, ds.test_images[:n], ds.test_labels[:n],
                                        progress=FLAGS.progress, resume_path=progress_path)
     if again["accuracy"] != robust["accuracy"]:
       raise ValueError(f"{name}: the re-evaluation gives {again['accuracy']}, results.json holds "
@@ -338,7 +338,7 @@ def _kernel_panels(workdir: str, count: int = 4, channels: bool = False):
 
 def figures(log=print) -> None:
   """Figs. 1 and 3-7 from finished runs (each drawn once its runs exist)."""
-  from enquant import data as data_lib, paper, pipeline, plots  # pylint: disable=g-import-not-at-top
+  from enquant import data as data_lib, paper, pipeline, plots, run_results  # pylint: disable=g-import-not-at-top
   runs_dir = os.path.join(FLAGS.runs_root, FLAGS.scale)
   out_dir = os.path.join(FLAGS.results_root, FLAGS.scale)
 
@@ -372,7 +372,7 @@ def figures(log=print) -> None:
     cfg, model, variables, _ = pipeline.load_run(fig1, data_dir=FLAGS.data_dir, log=lambda *_: None)
     ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source, max_train=1)
     path = os.path.join(out_dir, "fig1_fgsm_examples.png")
-    pipeline.figure_examples(cfg, model, variables, ds, path, kind="fgsm")
+    run_results.figure_examples(cfg, model, variables, ds, path, kind="fgsm")
     log(f"figure -> {path} ({row.net} {row.quant_label} {row.loss_label})")
   for dataset in ("fmnist", "svhn"):  # Fig. 7: a mini-batch of each dataset we can read
     try:

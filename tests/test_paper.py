@@ -12,7 +12,7 @@ import pytest
 
 from enquant import evalfiles
 from enquant import paper
-from enquant import pipeline
+from enquant import run_results
 from enquant import reports
 from enquant import sparsity
 from enquant import train as train_lib
@@ -416,7 +416,7 @@ def test_results_md_counts_channels_as_the_paper():
              "natural_accuracy": 0.9, "m_bound": 0.3, "m_bound_3x3": 0.2,
              "efficiency": {"sparsity_paper_counting": {k: v for k, v in report.items()
                                                         if k.startswith("total/")}}}
-  md = pipeline.markdown_row(results)
+  md = run_results.markdown_row(results)
   assert "channel sparsity (paper)" in md and "50.00% (3/6)" in md and "0.3000 / 0.2000" in md
 
 
@@ -433,13 +433,13 @@ def test_svhn_trains_without_flips_and_digits_without_crops():
 
 def test_fig1_shows_fgsm_and_falls_back_to_the_first_attack():
   cfg = paper.build_config(_row("VII", depth=56, noise=0.0, bits=2, loss="natural"), "cpu")
-  spec = pipeline.example_spec(cfg, "fgsm")
+  spec = run_results.example_spec(cfg, "fgsm")
   assert (spec.kind, spec.eps, spec.eot_samples) == ("fgsm", 0.031, 1)
-  assert pipeline.example_spec(cfg).kind == "pgd"  # the per-run picture: IFGSM
+  assert run_results.example_spec(cfg).kind == "pgd"  # the per-run picture: IFGSM
   only_cw = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, attacks="a3"))
-  assert pipeline.example_spec(only_cw, "fgsm").kind == "cw"
+  assert run_results.example_spec(only_cw, "fgsm").kind == "cw"
   none = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, attacks="none"))
-  assert pipeline.example_spec(none, "fgsm") is None
+  assert run_results.example_spec(none, "fgsm") is None
 
 
 def test_kernel_figures_pick_a_stage_one_block_that_exists():

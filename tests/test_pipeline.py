@@ -14,6 +14,7 @@ from enquant import evaluate as evaluate_lib
 from enquant import export
 from enquant import files
 from enquant import pipeline
+from enquant import run_results
 from enquant.models import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +101,7 @@ def test_evaluation_of_a_randomized_model_is_reproducible_with_the_same_key(tern
   _, model, variables, _ = pipeline.load_run(workdir)
   from enquant import data as data_lib  # pylint: disable=g-import-not-at-top
   ds = data_lib.load("mnist", source="embedded", max_test=64, max_train=1)
-  again = pipeline.robust_evaluation(cfg, model, variables, ds.test_images, ds.test_labels,
+  again = run_results.robust_evaluation(cfg, model, variables, ds.test_images, ds.test_labels,
                                      progress=False)
   assert again["accuracy"] == results["robust"]["accuracy"]
 
@@ -135,7 +136,7 @@ def test_transfer_from_the_model_itself_equals_white_box(ternary_run):
   _, model, variables, _ = pipeline.load_run(workdir)
   from enquant import data as data_lib  # pylint: disable=g-import-not-at-top
   ds = data_lib.load("mnist", source="embedded", max_test=64, max_train=1)
-  transferred = pipeline.robust_evaluation(cfg, model, variables, ds.test_images, ds.test_labels,
+  transferred = run_results.robust_evaluation(cfg, model, variables, ds.test_images, ds.test_labels,
                                            progress=False, oracle=(model, variables))
   assert transferred["accuracy"] == results["robust"]["accuracy"]
 
