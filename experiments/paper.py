@@ -88,8 +88,9 @@ def list_runs() -> None:
     for row, cfg in paper.runs_of(tbl, FLAGS.scale):
       name = paper.run_name(cfg)
       state = _state(os.path.join(FLAGS.runs_root, FLAGS.scale, name))
-      print(f"  {state:>9}  {name}  ({row.net} {row.quant_label} {row.loss_label}, {cfg.train.epochs} "
-            f"epochs on {cfg.dataset})")
+      stand_in = "" if cfg.model.name == row.net else f", for the paper's {row.net}"
+      print(f"  {state:>9}  {name}  ({cfg.model.name} {row.quant_label} {row.loss_label}, {cfg.train.epochs} "
+            f"epochs on {cfg.dataset}{stand_in})")
 
 
 def _missing() -> list[tuple[str, str]]:

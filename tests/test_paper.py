@@ -134,6 +134,9 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
   listing = subprocess.run(common + ["--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert listing.returncode == 0, listing.stderr[-2000:]
   assert listing.stdout.count(" done  ") == 2 and "missing  fmnist-En2ResNet20" in listing.stdout
+  # cpu-scale stand-ins name the net they train and the paper's net they stand for
+  assert "(En2ResNet14 float (6) a=1 b=8, 6 epochs on fmnist, for the paper's En2ResNet56)" in listing.stdout
+  assert "2 epochs on mnist)" in listing.stdout  # the direct rows train the paper's own net
   # Both runs were committed before: the BR row without A2-eot5 (the run directory extends it: same
   # numbers), the float row with another N (the run directory is a rerun that differs).
   names = [paper.run_name(paper.build_config(row, "cpu")) for row in done]
