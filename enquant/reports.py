@@ -167,8 +167,8 @@ def check_rows(tbl: paper_lib.Table, scale: str, results: dict[str, dict], trans
       if res is None or (row.oracle is not None and transfer is None):
         state = "pending"
       elif state == "done" and _masks(res, transfer) is None:
-        state = ("no per-image masks (python -m experiments.paper --add_masks; a run known only by its "
-                 "committed results: --run=<its name>)")
+        state = ("no per-image masks: the results predate them (python -m experiments.paper --add_masks "
+                 "adds them from the run directory; without the trained model they cannot be added)")
       sides.append(None if state != "done" else _masks(res, transfer))
     entry: dict[str, Any] = {"check": check.label, "state": state, "columns": {}}
     carried = _carried_check(check, scale, transfers) if state not in ("done", "pending") else None
