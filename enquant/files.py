@@ -4,11 +4,14 @@ Temporary files are created with mode ``0o666`` minus the process umask (``0o644
 ``open(path, "w")`` would, and then renamed over the destination.
 """
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import secrets
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 
 def create_temp(directory: str, suffix: str = "") -> tuple[int, str]:
@@ -76,10 +79,31 @@ def remove_if_exists(path: str) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The rows of a JSON Lines file (``[]`` if there is none).
+
+  A last line without its newline that does not parse is a write cut short by a kill: it is dropped with
+  a warning, so the run it belongs to can resume. Any other bad line raises ValueError naming the file
+  and the line.
+  """
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split("\n")
+  rows = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if number == len(lines):  # no newline after it: the last write was cut short
+        warnings.warn(f"{path}: dropped a truncated last line ({e.msg})", stacklevel=2)
+        break
+      raise ValueError(f"{path}: line {number} is not JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{path}: line {number} is not a JSON object")
+    rows.append(row)
+  return rows
 
 
 def read_json(path: str) -> Any:
@@ -133,3 +157,37 @@ def _to_builtin(x):
   if hasattr(x, "tolist"):
     return x.tolist()
   raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+class LockedError(RuntimeError):
+  """Another live process holds the lock (the message names its pid)."""
+
+
+@contextlib.contextmanager
+def hold_lock(path: str, what: str) -> Iterator[None]:
+  """Holds an exclusive OS lock on ``path`` (created if missing) for the ``with`` body.
+
+  The lock is ``flock`` on an open file: the kernel releases it when the holder exits or is killed, so a
+  lock left behind by a dead process is simply taken over. The holder's pid is written into the file for
+  the error message.
+
+  Args:
+    path: the lock file (e.g. ``<workdir>/.lock``); its folder must exist.
+    what: what the lock guards, for the message (``"run directory runs/demo"``).
+
+  Raises:
+    LockedError: a live process holds it: ``"<what> is in use by pid N; ..."``.
+  """
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+      raise LockedError(f"{what} is in use by pid {holder} (lock {path}); wait for it to finish or "
+                        "stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the flock
