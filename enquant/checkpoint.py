@@ -14,8 +14,12 @@ Restoring verifies before it reads: the record's own checksum, the fingerprint, 
 (paths, shapes and dtypes, so orbax never sees a mismatching target), every file's size and checksum, and
 after reading, every array's checksum. A checkpoint that fails (flipped bytes, truncated, emptied or missing
 files, no record) raises :class:`CorruptCheckpointError` with one line saying why; :meth:`Checkpointer.
-restore_latest` then falls back to the newest checkpoint that passes. Only finite states are committed, and
-retention (``keep``) never deletes the checkpoint just committed.
+restore_latest` then falls back to the newest checkpoint that passes. Only finite states are committed.
+
+Retention (``keep``) deletes only this run's checkpoints: epoch folders whose own integrity record verifies
+and names the fingerprint of the state being saved; never the checkpoint just committed. Anything else in
+the folder (an epoch folder without a valid record or of another configuration, a staging folder this
+process did not create, any other file) is left alone and named in one warning.
 
 Multi-host (:mod:`enquant.distributed`): every process calls :meth:`Checkpointer.save` (orbax writes the
 arrays collectively), process 0 alone creates the staging folder, writes the record, renames and applies
@@ -30,6 +34,7 @@ import os
 import secrets
 import shutil
 from typing import Any, Callable, NamedTuple
+import warnings
 
 import jax
 import numpy as np
@@ -158,6 +163,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.keep = keep
     self._orbax = None
+    self._warned: set[str] = set()  # foreign entries already named in a warning
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -232,19 +238,35 @@ class Checkpointer:
       if main and os.path.exists(staging):
         shutil.rmtree(staging, ignore_errors=True)
     if main:
-      self._retain(epoch)
+      self._retain(epoch, meta.get("fingerprint"))
     distributed.barrier(f"enquant-checkpoint-commit-{epoch}")
 
-  def _retain(self, newest: int) -> None:
-    """Deletes folders older than ``newest`` except the newest ``keep`` committed ones, and staging
-    folders left by interrupted saves."""
-    keepers = set(self.committed_epochs()[-self.keep:]) | {newest}
-    for e in self.epochs():
+  def _owned(self, epoch: int, fingerprint: str | None) -> bool:
+    """Whether ``epoch``'s folder holds its own valid record, written with ``fingerprint``."""
+    try:
+      record = self._record(epoch)
+    except CorruptCheckpointError:
+      return False
+    return isinstance(record.get("meta"), dict) and record["meta"].get("fingerprint") == fingerprint
+
+  def _retain(self, newest: int, fingerprint: str | None) -> None:
+    """Deletes this run's checkpoints older than ``newest`` except the newest ``keep`` of them.
+
+    A checkpoint is this run's when its folder holds its own valid integrity record naming
+    ``fingerprint``. Everything else in the folder is left alone; what was not named before is named
+    in one warning.
+    """
+    owned = [e for e in self.epochs() if self._owned(e, fingerprint)]
+    keepers = set(owned[-self.keep:]) | {newest}
+    for e in owned:
       if e < newest and e not in keepers:
         shutil.rmtree(self.path(e), ignore_errors=True)
-    for name in os.listdir(self.directory):
-      if name.startswith(_STAGING_PREFIX):
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    foreign = sorted(set(os.listdir(self.directory)) - {str(e) for e in owned} - {REJECTED}
+                     - self._warned)
+    if foreign:
+      self._warned.update(foreign)
+      warnings.warn(f"{self.directory}: left alone {len(foreign)} entr{'ies' if len(foreign) > 1 else 'y'} "
+                    f"this run did not write: {', '.join(foreign)}", stacklevel=3)
 
   def set_aside(self, epochs) -> list[str]:
     """Moves the folders of ``epochs`` to ``<directory>/rejected/`` (kept for inspection, never used).

@@ -176,13 +176,36 @@ def test_a_non_finite_state_is_never_committed_and_retention_keeps_the_newest_go
   bad = state._replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
+    meta = {"fingerprint": ckpt.verify(3)["meta"]["fingerprint"]}
     with pytest.raises(ValueError, match="NaN"):  # a NonFiniteStateError
-      ckpt.save(4, bad, {"fingerprint": "x"})
+      ckpt.save(4, bad, meta)
     assert sorted(os.listdir(ckpt.directory)) == ["2", "3"]  # nothing written, nothing deleted
-    ckpt.save(4, state, {"fingerprint": "x"})
+    ckpt.save(4, state, meta)
     assert ckpt.committed_epochs() == [3, 4]
   finally:
     ckpt.close()
+
+
+def test_retention_deletes_only_this_runs_checkpoints_and_names_the_rest_in_one_warning(tmp_path):
+  shared = tmp_path / "shared"
+  for name in ("0", ".staging-keep"):
+    os.makedirs(shared / name)
+    (shared / name / "precious.txt").write_text("keep me")
+  (shared / "notes.txt").write_text("keep me too")
+  os.symlink(shared, tmp_path / "checkpoints")
+  state = {"w": np.arange(3, dtype=np.float32)}
+  with pytest.warns(UserWarning), ckpt_lib.Checkpointer(str(shared)) as other:
+    other.save(5, state, {"fingerprint": "other"})  # another configuration's committed checkpoint
+  with ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=1) as ckpt:
+    with pytest.warns(UserWarning) as caught:
+      for epoch in (1, 2, 3):
+        ckpt.save(epoch, state, {"fingerprint": "run"})
+  assert len(caught) == 1  # one warning, naming everything that is not this run's
+  named = str(caught[0].message).split("did not write: ")[1].split(", ")
+  assert sorted(named) == [".staging-keep", "0", "5", "notes.txt"]
+  assert sorted(os.listdir(shared)) == [".staging-keep", "0", "3", "5", "notes.txt"]
+  assert (shared / "0" / "precious.txt").read_text() == "keep me"
+  assert (shared / ".staging-keep" / "precious.txt").read_text() == "keep me"
 
 
 def test_failed_checkpoint_reads_print_no_stray_tracebacks(tmp_path):
