@@ -281,7 +281,7 @@ def _load_tfds_prepared(info: DatasetInfo, max_train: int | None, max_test: int 
       keys = builder.info.supervised_keys or ("image", "label")
       arrays.append(np.stack([np.asarray(e[keys[0]]) for e in examples]) if examples
                     else np.zeros((0,) + info.image_shape, np.uint8))
-      arrays.append(np.asarray([e[keys[1]] for e in examples], np.int64))
+      arrays.append([e[keys[1]] for e in examples])
   except RuntimeError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # TFDS/array_record/PIL raise many types
@@ -289,7 +289,18 @@ def _load_tfds_prepared(info: DatasetInfo, max_train: int | None, max_test: int 
                        f"{_first_line(e)})") from None
   finally:
     absl_logger.setLevel(level)
+  for i, split in ((1, "train"), (3, "test")):
+    arrays[i] = _labels_of(arrays[i], f"{folder} ({split})")
   return (*arrays, "tfds")
+
+
+def _labels_of(values, what: str) -> np.ndarray:
+  """int64 labels from a list of label values, refusing non-integers with one line naming ``what``."""
+  try:
+    labels = np.asarray(values) if len(values) else np.zeros(0, np.int64)
+  except (TypeError, ValueError, OverflowError) as e:
+    raise ValueError(f"{what}: labels are not a list of integers ({e})") from None
+  return datafiles.integer_labels(labels, what)
 
 
 def _load_embedded(info: DatasetInfo):
@@ -302,6 +313,8 @@ def _load_embedded(info: DatasetInfo):
                             f"package {_EMBEDDED_PACKAGE} ({resource}); reinstall enquant")
   with resource.open("rb") as f, np.load(f, allow_pickle=False) as npz:
     arrays = [npz[k] for k in ("train_images", "train_labels", "test_images", "test_labels")]
+  for i, split in ((1, "train"), (3, "test")):
+    datafiles.check_labels(arrays[i], 0, info.num_classes - 1, f"{resource} ({split}_labels)")
   return (*arrays, "embedded")
 
 

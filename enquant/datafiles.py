@@ -49,8 +49,50 @@ def _missing_error(info, roots: list[pathlib.Path], expected: list[str],
   return LocalFilesMissing("\n".join(lines))
 
 
+_LARGEST_LABEL = 2 ** 53  # beyond it, float labels are no longer exact integers
+
+
+def integer_labels(labels, what: str) -> np.ndarray:
+  """``labels`` as int64, refusing anything that is not a whole number.
+
+  Integer arrays pass as they are, float arrays only when every value is finite and integral (MATLAB
+  files store labels as doubles); fractions, NaN, infinities, strings, booleans and objects raise.
+
+  Args:
+    labels: an array of labels.
+    what: the file (or source) the labels came from, named in the error.
+
+  Returns:
+    An int64 array of ``labels``' shape.
+
+  Raises:
+    ValueError: naming ``what`` and the first offending label.
+  """
+  labels = np.asarray(labels)
+  kind = labels.dtype.kind
+  if kind not in "iuf":
+    if labels.size:
+      raise ValueError(f"{what}: labels must be integers, got {labels.dtype} values such as "
+                       f"{labels.reshape(-1)[:1].tolist()[0]!r}")
+    return np.zeros(labels.shape, np.int64)
+  if kind == "f":
+    bad = labels[~np.isfinite(labels) | (labels != np.round(labels))]
+    if bad.size:
+      raise ValueError(f"{what}: label {float(bad.flat[0])!r} is not an integer "
+                       f"({bad.size} non-integer labels)")
+  if kind in "uf":  # values beyond int64 would wrap around when cast
+    huge = labels[np.abs(labels) > _LARGEST_LABEL]
+    if huge.size:
+      raise ValueError(f"{what}: label {huge.flat[0].item()!r} is not a class index")
+  return labels.astype(np.int64)
+
+
 def check_labels(labels: np.ndarray, low: int, high: int, what: str) -> None:
-  """Raises ValueError naming `what` if a label lies outside ``[low, high]``."""
+  """Raises ValueError naming `what` unless every label is an integer in ``[low, high]``.
+
+  Non-integer labels (see :func:`integer_labels`) are refused before the range is checked.
+  """
+  labels = integer_labels(labels, what)
   if labels.size:
     bad = labels[(labels < low) | (labels > high)]
     if bad.size:
@@ -277,12 +319,12 @@ def _parse_cifar_py(buf: bytes, what: str, label_key: str):
             else type(data).__name__)
     raise ValueError(f"{what}: 'data' must be a uint8 array of shape (N, {_CIFAR_PIXELS}), got {desc}")
   try:
-    labels = np.asarray(d[label_key], dtype=np.int64)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{what}: {label_key!r} is not a list of integers ({e})") from e
+    labels = np.asarray(d[label_key])
+  except (TypeError, ValueError, OverflowError) as e:
+    raise ValueError(f"{what}: {label_key!r} is not a list of integers ({e})") from None
   if labels.shape != (data.shape[0],):
     raise ValueError(f"{what}: {data.shape[0]} images but {label_key!r} has shape {labels.shape}")
-  return _cifar_images(data), labels
+  return _cifar_images(data), integer_labels(labels, f"{what} ({label_key!r})")
 
 
 def _read_tar_members(path: pathlib.Path, names: list[str]) -> dict[str, bytes]:
@@ -371,7 +413,7 @@ def _parse_svhn_mat(path: pathlib.Path):
   y = np.asarray(y).reshape(-1)
   if y.shape[0] != x.shape[3]:
     raise ValueError(f"{path}: {x.shape[3]} images but {y.shape[0]} labels")
-  y = y.astype(np.int64)
+  y = integer_labels(y, str(path))
   check_labels(y, 1, 10, str(path))  # SVHN labels digits 1..9 as 1..9 and the digit 0 as 10
   return x.transpose(3, 0, 1, 2), y % 10
 
@@ -419,4 +461,5 @@ def load_local(info, data_dir: pathlib.Path):
   return _LOCAL_LOADERS[info.name](info, data_dir)
 
 
-__all__ = ["ENV_DATA_DIR", "LocalFilesMissing", "check_labels", "check_split", "has_files", "load_local"]
+__all__ = ["ENV_DATA_DIR", "LocalFilesMissing", "check_labels", "check_split", "has_files", "integer_labels",
+           "load_local"]

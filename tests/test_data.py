@@ -453,6 +453,56 @@ def test_corrupt_cifar_and_svhn_files_raise_value_error_naming_the_file(tmp_path
   expect("svhn", root, r"train_32x32\.mat: label 0 is outside \[1, 10\]")
 
 
+def _cifar_py_with_labels(root, name, labels):
+  """The official python layout of ``name`` with ``labels`` as data_batch_1's (or train's) labels."""
+  arrays, coarse = _cifar_case(name)
+  files = cifar_files(name, "py", *arrays, *coarse)
+  key, member = ((b"labels", "cifar-10-batches-py/data_batch_1") if name == "cifar10"
+                 else (b"fine_labels", "cifar-100-python/train"))
+  n = len(labels)
+  files[member] = cifar_py_bytes(arrays[0][:n], [0] * n, key)
+  d = pickle.loads(files[member], encoding="bytes")
+  d[key] = labels
+  files[member] = py2_pickle(d)
+  write_files(root, files)
+  return member
+
+
+def _svhn_with_labels(root, y):
+  write_svhn(root, np.random.default_rng(9))
+  mat = scipy.io.loadmat(root / "train_32x32.mat")
+  x = mat["X"][..., :len(y)]
+  scipy.io.savemat(root / "train_32x32.mat", {"X": x, "y": np.asarray(y, np.float64)[:, None]})
+  return "train_32x32.mat"
+
+
+@pytest.mark.parametrize("name,labels,message", [
+    ("cifar10", [0, 3.9], r"label 3\.9 is not an integer"),
+    ("cifar10", [0, "7"], r"labels must be integers, got \S+ values such as"),
+    ("cifar10", [0, b"7"], r"labels must be integers, got \S+ values such as"),
+    ("cifar100", [1.7, 2], r"label 1\.7 is not an integer"),
+    ("svhn", [1.7, 2.0], r"label 1\.7 is not an integer"),
+    ("svhn", [np.nan, 2.0], r"label nan is not an integer"),
+], ids=["cifar_3.9", "cifar_str7", "cifar_bytes7", "cifar100_1.7", "svhn_1.7", "svhn_nan"])
+def test_labels_that_are_not_class_indices_are_refused_naming_the_file(tmp_path, name, labels, message):
+  if name == "svhn":
+    member = _svhn_with_labels(tmp_path, labels)
+  else:
+    member = _cifar_py_with_labels(tmp_path, name, labels)
+  with pytest.raises(ValueError, match=message) as info:
+    data.load(name, tmp_path, source="local")
+  assert member in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_embedded_sample_with_fractional_labels_is_refused_naming_the_file(tmp_path, monkeypatch):
+  images = np.zeros((2, 28, 28, 1), np.uint8)
+  np.savez(tmp_path / "mnist_sample.npz", train_images=images, train_labels=np.array([1.0, 2.5]),
+           test_images=images, test_labels=np.array([1, 2]))
+  monkeypatch.setattr(data.importlib.resources, "files", lambda package: tmp_path)
+  with pytest.raises(ValueError, match=r"mnist_sample\.npz \(train_labels\): label 2\.5 is not an int"):
+    data.load("mnist", source="embedded")
+
+
 @pytest.mark.parametrize("name,expected", [
     ("mnist", "train-images-idx3-ubyte.gz"), ("fmnist", "t10k-labels-idx1-ubyte.gz"),
     ("cifar10", "cifar-10-batches-py/{data_batch_1"), ("cifar100", "cifar-100-python.tar.gz"),

@@ -84,6 +84,35 @@ def test_a_prepared_tfds_dataset_reads_back_exactly_without_tensorflow(tfds_dir,
     np.testing.assert_array_equal(data.load("mnist", source="tfds").train_images, ds.train_images)
 
 
+class _RelabelledSource:
+  """A TFDS data source whose first example carries ``label`` instead of its own."""
+
+  def __init__(self, source, label):
+    self.source, self.label = source, label
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitems__(self, indices):
+    examples = [dict(e) for e in self.source.__getitems__(indices)]
+    if examples:
+      examples[0]["label"] = self.label
+    return examples
+
+
+@pytest.mark.parametrize("label,message", [(1.7, r"label 1\.7 is not an integer"),
+                                           ("7", "labels must be integers"),
+                                           (float("nan"), "label nan is not an integer")])
+def test_tfds_labels_that_are_not_integers_are_refused_naming_the_folder(
+    tfds_dir, no_tensorflow, monkeypatch, label, message):
+  as_data_source = tfds.core.DatasetBuilder.as_data_source
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source",
+                      lambda self, **kw: _RelabelledSource(as_data_source(self, **kw), label))
+  with pytest.raises(ValueError, match=message) as info:
+    data.load("mnist", tfds_dir, source="tfds", max_train=4, max_test=2)
+  assert f"{tfds_dir / 'mnist'} (train)" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_the_pipeline_trains_on_tfds_data(tfds_dir, no_tensorflow, tmp_path):
   # tests/test_faults.py's configuration (its compilations are in the session cache), TFDS data.
   cfg = config_lib.ExperimentConfig(
