@@ -15,6 +15,8 @@ This module knows nothing about models, TFDS or devices; :mod:`enquant.data` bui
 
 import gzip
 import io
+import math
+import os
 import pathlib
 import pickle
 import tarfile
@@ -127,47 +129,79 @@ _IDX_FILES = {  # role -> accepted file names, in order of preference
 }
 
 
-def _read_maybe_gzip(path: pathlib.Path) -> bytes:
-  """File contents, gunzipped when the file starts with the gzip magic bytes (not by extension)."""
-  raw = path.read_bytes()
-  if raw[:2] != b"\x1f\x8b":
-    return raw
-  try:
-    return gzip.decompress(raw)
-  except (OSError, EOFError, zlib.error) as e:
-    raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from e
+_READ_CHUNK = 1 << 20
 
 
-def _parse_idx(buf: bytes, what: str, *, magic: int) -> np.ndarray:
-  """Parses an unsigned-byte IDX file (the MNIST format) into a uint8 array.
+def _read_at_most(stream, nbytes: int) -> bytearray:
+  """Up to ``nbytes`` bytes of ``stream``, read in chunks: memory grows with what is there, never with
+  what a header claims."""
+  buf = bytearray()
+  while len(buf) < nbytes:
+    chunk = stream.read(min(_READ_CHUNK, nbytes - len(buf)))
+    if not chunk:
+      break
+    buf += chunk
+  return buf
+
+
+def _read_idx_stream(stream, what: str, magic: int, file_size: int | None) -> np.ndarray:
+  """Parses an unsigned-byte IDX file from ``stream``, reading at most the header's size + 1 byte."""
+  head = _read_at_most(stream, 4)
+  if len(head) < 4:
+    raise ValueError(f"{what}: {len(head)} bytes, too short for an IDX header")
+  found = int.from_bytes(head, "big")
+  if found != magic:
+    raise ValueError(f"{what}: IDX magic number {found} (0x{found:08x}), expected {magic} "
+                     f"(0x{magic:08x}); not an unsigned-byte IDX file of the right kind")
+  ndim = head[3]
+  header = 4 + 4 * ndim
+  raw_dims = _read_at_most(stream, 4 * ndim)
+  if len(raw_dims) < 4 * ndim:
+    raise ValueError(f"{what}: truncated IDX header ({4 + len(raw_dims)} bytes)")
+  dims = tuple(int.from_bytes(raw_dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
+  body = math.prod(dims)
+  data = _read_at_most(stream, body + 1)  # one byte more than claimed tells a longer file
+  if len(data) != body:
+    if len(data) < body:
+      got = f"{header + len(data)} bytes"
+    elif file_size is not None:
+      got = f"{file_size} bytes"
+    else:  # the rest is never decompressed
+      got = f"more than {header + body} bytes"
+    raise ValueError(f"{what}: {got}, but the header's dimensions {dims} need {header + body} "
+                     "(truncated or corrupt file)")
+  return np.frombuffer(data, np.uint8).reshape(dims)
+
+
+def _read_idx(path: pathlib.Path, magic: int) -> np.ndarray:
+  """Reads an unsigned-byte IDX file (the MNIST format), gunzipped when it starts with the gzip magic
+  bytes (not by extension).
+
+  The decompressed size is capped by the header's claim: at most the header's size + 1 byte is ever
+  decompressed or held, so a file far longer than its header says (a gzip bomb) is refused without
+  being unpacked.
 
   Args:
-    buf: the (decompressed) file contents.
-    what: the file's name, used in error messages.
+    path: the file.
     magic: the expected magic number (2051 for 3-d images, 2049 for 1-d labels).
 
   Returns:
     The uint8 array with the dimensions from the header.
 
   Raises:
-    ValueError: wrong magic number, or a size that does not match the header (truncated or padded).
+    ValueError: naming the file: wrong magic number, corrupt gzip data, or a size that does not match
+      the header (truncated or padded).
   """
-  if len(buf) < 4:
-    raise ValueError(f"{what}: {len(buf)} bytes, too short for an IDX header")
-  found = int.from_bytes(buf[:4], "big")
-  if found != magic:
-    raise ValueError(f"{what}: IDX magic number {found} (0x{found:08x}), expected {magic} "
-                     f"(0x{magic:08x}); not an unsigned-byte IDX file of the right kind")
-  ndim = buf[3]
-  header = 4 + 4 * ndim
-  if len(buf) < header:
-    raise ValueError(f"{what}: truncated IDX header ({len(buf)} bytes)")
-  dims = tuple(int.from_bytes(buf[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-  expected = header + int(np.prod(dims, dtype=np.int64))
-  if len(buf) != expected:
-    raise ValueError(f"{what}: {len(buf)} bytes, but the header's dimensions {dims} need {expected} "
-                     "(truncated or corrupt file)")
-  return np.frombuffer(buf, np.uint8, offset=header).reshape(dims)
+  with open(path, "rb") as f:
+    if f.read(2) != b"\x1f\x8b":
+      f.seek(0)
+      return _read_idx_stream(f, str(path), magic, os.fstat(f.fileno()).st_size)
+    f.seek(0)
+    try:
+      with gzip.GzipFile(fileobj=f) as stream:
+        return _read_idx_stream(stream, str(path), magic, None)
+    except (OSError, EOFError, zlib.error) as e:
+      raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from None
 
 
 def _find_idx(info, roots: list[pathlib.Path]):
@@ -198,7 +232,7 @@ def _load_idx(info, data_dir: pathlib.Path):
   arrays = {}
   for role, path in found.items():
     magic = _IDX_IMAGES_MAGIC if role.endswith("images") else _IDX_LABELS_MAGIC
-    arrays[role] = _parse_idx(_read_maybe_gzip(path), str(path), magic=magic)
+    arrays[role] = _read_idx(path, magic)
   splits = []
   for split in ("train", "test"):
     images = arrays[f"{split}_images"][..., None]  # (N, 28, 28) -> (N, 28, 28, 1)

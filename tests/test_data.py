@@ -10,6 +10,7 @@ import pickle
 import struct
 import sys
 import tarfile
+import tracemalloc
 import types
 
 import hypothesis
@@ -377,6 +378,23 @@ def test_corrupt_idx_files_raise_value_error_naming_the_file(tmp_path):
     damage(folder)
     with pytest.raises(ValueError, match=message):
       data.load("mnist", folder, source="local")
+
+
+def test_an_idx_gzip_bomb_is_refused_without_unpacking_it(tmp_path):
+  train_x, train_y, test_x, test_y = make_mnist(np.random.default_rng(5))
+  write_idx_set(tmp_path, train_x, train_y, test_x, test_y)
+  bomb = idx_bytes(test_x) + bytes(64 << 20)  # the header claims 3 images, 64 MiB follow
+  (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bomb, compresslevel=9))
+  assert (tmp_path / "t10k-images-idx3-ubyte.gz").stat().st_size < 200_000
+  tracemalloc.start()
+  try:
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte\.gz: more than 2368 bytes, but the "
+                                         r"header's dimensions \(3, 28, 28\) need 2368"):
+      data.load("mnist", tmp_path, source="local")
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert peak < 4 << 20, peak  # far below the 64 MiB a full decompression holds
 
 
 def test_idx_label_out_of_range_and_count_mismatch(tmp_path):
