@@ -361,14 +361,22 @@ def _parse_cifar_py(buf: bytes, what: str, label_key: str):
   return _cifar_images(data), integer_labels(labels, f"{what} ({label_key!r})")
 
 
+# Above the largest official CIFAR file (cifar-100-python/train, about 155 MB).
+_MAX_MEMBER_BYTES = 256 << 20
+
+
 def _read_tar_members(path: pathlib.Path, names: list[str]) -> dict[str, bytes]:
-  """Reads the named members of a .tar.gz into memory (one sequential pass, nothing extracted)."""
+  """Reads the named members of a .tar.gz into memory (one sequential pass, nothing extracted); a member
+  whose header claims more than :data:`_MAX_MEMBER_BYTES` is refused before it is unpacked."""
   wanted, out = set(names), {}
   try:
     with tarfile.open(path, "r:*") as tar:
       for member in tar:
         name = member.name[2:] if member.name.startswith("./") else member.name
         if name in wanted and member.isfile():
+          if member.size > _MAX_MEMBER_BYTES:  # refused before a byte of it is unpacked
+            raise ValueError(f"{path}: {name} claims {member.size} bytes, more than any CIFAR file "
+                             f"({_MAX_MEMBER_BYTES}); not a CIFAR archive")
           out[name] = tar.extractfile(member).read()
   except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
     raise ValueError(f"{path}: corrupt or truncated archive ({type(e).__name__}: {e})") from e

@@ -458,6 +458,14 @@ def test_corrupt_cifar_and_svhn_files_raise_value_error_naming_the_file(tmp_path
                {k: v for k, v in bin_files.items() if not k.endswith("test_batch.bin")})
   expect("cifar10", root, r"cifar-10-binary\.tar\.gz: archive lacks cifar-10-batches-bin/test_batch\.bin")
 
+  root = tmp_path / "tar_bomb"  # a member whose header claims 1 GiB: refused before it is unpacked
+  root.mkdir()
+  info = tarfile.TarInfo("cifar-10-batches-bin/data_batch_1.bin")
+  info.size = 1 << 30
+  (root / "cifar-10-binary.tar.gz").write_bytes(gzip.compress(info.tobuf() + bytes(1 << 16)))
+  expect("cifar10", root, r"cifar-10-binary\.tar\.gz: cifar-10-batches-bin/data_batch_1\.bin claims "
+         r"1073741824 bytes, more than any CIFAR file")
+
   root = tmp_path / "svhn_garbage"
   write_svhn(root, np.random.default_rng(7))
   (root / "test_32x32.mat").write_bytes(b"not a matlab file at all" * 10)
