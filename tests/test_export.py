@@ -1,8 +1,10 @@
 """Bit-packed export: exact round trips, the byte formula, hand-checked bit layouts, corrupt files."""
 
 import dataclasses
+import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -183,4 +185,70 @@ def test_a_file_with_batch_stats_and_model_config_is_a_standalone_model(variable
   export.save(tmp_path / "other.npz", packed, batch_stats=variables["batch_stats"], model_config=other,
               input_shape=(8, 8, 3))
   with pytest.raises(ValueError, match="does not fit the model"):
+    export.load_model(tmp_path / "other.npz")
+
+
+@pytest.fixture(scope="module")
+def model_file(variables, tmp_path_factory):
+  path = tmp_path_factory.mktemp("model") / "model.npz"
+  export.save(path, export.pack(variables["params"], 2), batch_stats=variables["batch_stats"],
+              model_config=CONFIG, input_shape=(8, 8, 3))
+  return path
+
+
+def _with_header(src, dst, edit):
+  """Copies the packed file ``src`` to ``dst`` with its JSON header changed by ``edit(header)``."""
+  with np.load(src) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  header = json.loads(arrays["__meta__"].tobytes())
+  edit(header)
+  arrays["__meta__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+  np.savez(dst, **arrays)
+  return dst
+
+
+def test_a_header_claiming_a_million_blocks_is_refused_at_once(model_file, tmp_path):
+  path = _with_header(model_file, tmp_path / "deep.npz",
+                      lambda h: h["model"]["config"].update(depth=1_200_002))
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match=r"deep\.npz: its configuration has 600000 residual blocks, but "
+                                       r"the file holds only 39 arrays"):
+    export.load_model(path)
+  assert time.perf_counter() - start < 2.0
+
+
+def _set(*keys_and_value):
+  *keys, value = keys_and_value
+
+  def edit(header):
+    for k in keys[:-1]:
+      header = header[k]
+    header[keys[-1]] = value
+  return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set("model", "input_shape", "8x8"), 'input_shape is "8x8"'),
+    (_set("model", "input_shape", 5), "input_shape is 5"),
+    (_set("model", "config", "ensembles", 2.0), "field 'ensembles' must be an integer"),
+    (_set("stacked", "no"), 'stacked is "no"'),
+    (_set("ternary_method", 7), "ternary_method is 7"),
+    (_set("kernels", 0, "path", 5), "a path in 'kernels' is 5"),
+    (_set("floats", 0, "dtype", "|O"), 'the dtype of .* is "|O"'),
+], ids=["input_shape_str", "input_shape_int", "ensembles_float", "stacked_str", "ternary_int",
+        "path_int", "dtype_object"])
+def test_a_wrong_typed_header_field_is_one_line_naming_the_file(model_file, tmp_path, edit, message):
+  path = _with_header(model_file, tmp_path / "typed.npz", edit)
+  with pytest.raises(ValueError, match=message) as info:
+    export.load_model(path)
+  assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_arrays_that_do_not_fit_the_configuration_are_refused_at_load_without_an_input_shape(
+    variables, tmp_path):
+  other = dataclasses.replace(CONFIG, widths=(4, 4, 8))
+  export.save(tmp_path / "other.npz", export.pack(variables["params"], 2),
+              batch_stats=variables["batch_stats"], model_config=other)
+  with pytest.raises(ValueError, match=r"batch_stats/bn_final/mean does not fit the model of its "
+                                       r"configuration \(\(2, 4\) vs \(2, 8\)\)"):
     export.load_model(tmp_path / "other.npz")
