@@ -290,17 +290,8 @@ def _load_tfds_prepared(info: DatasetInfo, max_train: int | None, max_test: int 
   finally:
     absl_logger.setLevel(level)
   for i, split in ((1, "train"), (3, "test")):
-    arrays[i] = _labels_of(arrays[i], f"{folder} ({split})")
+    arrays[i] = datafiles.integer_labels(arrays[i], f"{folder} ({split})")
   return (*arrays, "tfds")
-
-
-def _labels_of(values, what: str) -> np.ndarray:
-  """int64 labels from a list of label values, refusing non-integers with one line naming ``what``."""
-  try:
-    labels = np.asarray(values) if len(values) else np.zeros(0, np.int64)
-  except (TypeError, ValueError, OverflowError) as e:
-    raise ValueError(f"{what}: labels are not a list of integers ({e})") from None
-  return datafiles.integer_labels(labels, what)
 
 
 def _load_embedded(info: DatasetInfo):

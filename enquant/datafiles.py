@@ -5,25 +5,23 @@
 one-line ``ValueError`` naming the file, and a missing or incomplete copy a :class:`LocalFilesMissing` that
 lists what was expected and where it was looked for.
 
-The python versions of CIFAR are pickles. They are read with a restricted unpickler that executes no
-code: it resolves only the four numpy names needed to rebuild a numpy array (see
-:data:`_PICKLE_ALLOWED_GLOBALS`) and refuses every other global, so a malicious file raises instead of
-running anything.
+The python versions of CIFAR are pickles, read with :func:`enquant.safepickle.loads` (which executes no
+code: a malicious file raises instead of running anything).
 
 This module knows nothing about models, TFDS or devices; :mod:`enquant.data` builds on it.
 """
 
 import gzip
-import io
 import math
 import os
 import pathlib
-import pickle
 import tarfile
 import zlib
 from typing import Callable, NamedTuple
 
 import numpy as np
+
+from enquant import safepickle
 
 ENV_DATA_DIR = "ENQUANT_DATA_DIR"
 
@@ -61,7 +59,7 @@ def integer_labels(labels, what: str) -> np.ndarray:
   files store labels as doubles); fractions, NaN, infinities, strings, booleans and objects raise.
 
   Args:
-    labels: an array of labels.
+    labels: an array (or list) of labels.
     what: the file (or source) the labels came from, named in the error.
 
   Returns:
@@ -70,13 +68,14 @@ def integer_labels(labels, what: str) -> np.ndarray:
   Raises:
     ValueError: naming ``what`` and the first offending label.
   """
-  labels = np.asarray(labels)
+  try:
+    labels = np.asarray(labels)
+  except (TypeError, ValueError, OverflowError) as e:  # ragged or unconvertible values
+    raise ValueError(f"{what}: labels are not a list of integers ({e})") from None
   kind = labels.dtype.kind
-  if kind not in "iuf":
-    if labels.size:
-      raise ValueError(f"{what}: labels must be integers, got {labels.dtype} values such as "
-                       f"{labels.reshape(-1)[:1].tolist()[0]!r}")
-    return np.zeros(labels.shape, np.int64)
+  if kind not in "iuf" and labels.size:
+    raise ValueError(f"{what}: labels must be integers, got {labels.dtype} values such as "
+                     f"{labels.reshape(-1)[:1].tolist()[0]!r}")
   if kind == "f":
     bad = labels[~np.isfinite(labels) | (labels != np.round(labels))]
     if bad.size:
@@ -86,7 +85,7 @@ def integer_labels(labels, what: str) -> np.ndarray:
     huge = labels[np.abs(labels) > _LARGEST_LABEL]
     if huge.size:
       raise ValueError(f"{what}: label {huge.flat[0].item()!r} is not a class index")
-  return labels.astype(np.int64)
+  return labels.astype(np.int64) if labels.size else np.zeros(labels.shape, np.int64)
 
 
 def check_labels(labels: np.ndarray, low: int, high: int, what: str) -> None:
@@ -118,7 +117,6 @@ def _roots(info, data_dir: pathlib.Path) -> list[pathlib.Path]:
 # ----------------------------------------------------------------------------------------------------
 # MNIST / Fashion-MNIST: IDX files.
 
-_IDX_UBYTE = 0x08
 _IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 _IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 _IDX_FILES = {  # role -> accepted file names, in order of preference
@@ -174,12 +172,10 @@ def _read_idx_stream(stream, what: str, magic: int, file_size: int | None) -> np
 
 
 def _read_idx(path: pathlib.Path, magic: int) -> np.ndarray:
-  """Reads an unsigned-byte IDX file (the MNIST format), gunzipped when it starts with the gzip magic
-  bytes (not by extension).
+  """Reads an unsigned-byte IDX file (the MNIST format), gunzipped if it starts with the gzip magic.
 
-  The decompressed size is capped by the header's claim: at most the header's size + 1 byte is ever
-  decompressed or held, so a file far longer than its header says (a gzip bomb) is refused without
-  being unpacked.
+  At most the header's size + 1 byte is ever decompressed or held, so a file far longer than its header
+  says (a gzip bomb) is refused without being unpacked.
 
   Args:
     path: the file.
@@ -270,58 +266,6 @@ _CIFAR_LAYOUTS = {
 }
 
 
-def _numpy_reconstruct():
-  try:
-    from numpy._core import multiarray  # pylint: disable=g-import-not-at-top  # numpy >= 2
-  except ImportError:  # numpy 1.x
-    from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
-  return multiarray._reconstruct  # pylint: disable=protected-access
-
-
-# The only globals a CIFAR python pickle needs: rebuilding numpy arrays. Everything else is refused.
-_PICKLE_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickler that resolves only :data:`_PICKLE_ALLOWED_GLOBALS`, so loading executes no code."""
-
-  def find_class(self, module, name):
-    resolve = _PICKLE_ALLOWED_GLOBALS.get((module, name))
-    if resolve is None:
-      raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-    return resolve()
-
-  def persistent_load(self, pid):
-    raise pickle.UnpicklingError("refusing persistent ids")
-
-
-def _safe_unpickle(buf: bytes, what: str):
-  """Loads a pickle that may only contain builtin containers/scalars and numpy arrays.
-
-  Python-2 strings load as bytes (``encoding="bytes"``), as the CIFAR python files need.
-
-  Args:
-    buf: the pickle bytes.
-    what: the file's name, used in error messages.
-
-  Returns:
-    The unpickled object.
-
-  Raises:
-    ValueError: the pickle is corrupt or references anything beyond the allowed numpy names (nothing
-      it references is ever called).
-  """
-  try:
-    return _RestrictedUnpickler(io.BytesIO(buf), encoding="bytes").load()
-  except Exception as e:  # pylint: disable=broad-except  # any failure means a bad file
-    raise ValueError(f"{what}: not a valid CIFAR python pickle ({type(e).__name__}: {e})") from e
-
-
 def _cifar_images(flat: np.ndarray) -> np.ndarray:
   """(N, 3072) rows of R, G, B planes -> (N, 32, 32, 3) NHWC."""
   return flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -339,7 +283,7 @@ def _parse_cifar_bin(buf: bytes, what: str, label_bytes: int):
 
 
 def _parse_cifar_py(buf: bytes, what: str, label_key: str):
-  obj = _safe_unpickle(buf, what)
+  obj = safepickle.loads(buf, what)
   if not isinstance(obj, dict):
     raise ValueError(f"{what}: expected a dict, found {type(obj).__name__}")
   d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
