@@ -192,7 +192,7 @@ def _check_names(names: list[str], path: str) -> None:
 
 
 def _read_meta(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """The decoded header and the arrays of an ``.npz``, the arrays' checksums verified."""
+  """The decoded header (format and version checked) and the arrays of an ``.npz``."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no packed model at {path}")
   try:
@@ -286,8 +286,10 @@ def _model_config(header: dict, path: str) -> ModelConfig:
                        f"{json.dumps(v)[:80]}")
   try:
     return ModelConfig.from_dict(config)
-  except (TypeError, ValueError) as e:  # a field this version does not know, or a value it refuses
+  except TypeError as e:  # a field this version of enquant does not know
     raise ValueError(f"{path}: model configuration does not fit this enquant ({e})") from None
+  except ValueError as e:  # a value ModelConfig refuses
+    raise ValueError(f"{path}: invalid model configuration ({e})") from None
 
 
 def _kind_text(kind: str) -> str:
