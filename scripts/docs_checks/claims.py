@@ -39,11 +39,20 @@ def _structure(results: str, run: str) -> dict[str, float]:
           "channels": counted.get("total/dispersion_channels", counted["total/in_channels"])}
 
 
+def dispersion_chance(channels_a: int, channels_b: int) -> float:
+  """Twice the sd of the difference of two pooled zero-dispersion indices when zeros fall independently:
+  each channel's standardised squared deviation is about chi-square(1) (variance 2), so ``2 sqrt(2/C_a +
+  2/C_b)`` for C input channels pooled."""
+  if channels_a < 1 or channels_b < 1:
+    raise ValueError(f"channel counts must be >= 1, got {channels_a} and {channels_b}")
+  return 2 * math.sqrt(2 / channels_a + 2 / channels_b)
+
+
 def _compare(results: str, label: str, more: str, less: str) -> dict[str, Any]:
   """``more`` should be more channel-structured than ``less``: both measures and the verdict."""
   a, b = _structure(results, more), _structure(results, less)
   diff = a["zero_dispersion"] - b["zero_dispersion"]
-  chance = 2 * math.sqrt(2 / a["channels"] + 2 / b["channels"])
+  chance = dispersion_chance(a["channels"], b["channels"])
   return {"pair": label, "more": more, "less": less, "channel_sparsity": (a["in_channel_sparsity"],
           b["in_channel_sparsity"]), "dispersion": (a["zero_dispersion"], b["zero_dispersion"]),
           "diff": diff, "chance": chance,
@@ -54,17 +63,15 @@ def sparsity(results: str) -> list[dict[str, Any]]:
   """Depth pairs of Table VII (same net, quant and loss; depth 14 should be more structured) and the
   members pairs (more members should be more structured)."""
   rows = _table(results, "VII")["rows"]
-  key = lambda r: (r["run_net"].replace("14", "8"), r["quant"], r["loss"])
-  shallow = {key(r): r["run"] for r in rows if r["run_net"].endswith("8")}
-  out = [_compare(results, f"depth: {r['run_net']} vs {key(r)[0]}, {r['quant']}, {r['loss']}", r["run"],
-                  shallow[key(r)]) for r in rows if r["run_net"].endswith("14")]
-  by_key = {key(r): r["run"] for r in rows if r["run_net"].endswith("8")}
-  deep = {(r["run_net"], r["quant"], r["loss"]): r["run"] for r in rows if r["run_net"].endswith("14")}
+  by_key = {(r["run_net"], r["quant"], r["loss"]): r["run"] for r in rows}
+  out = [_compare(results, f"depth: {r['run_net']} vs {r['run_net'][:-2]}8, {r['quant']}, {r['loss']}",
+                  r["run"], by_key[(r["run_net"][:-2] + "8", r["quant"], r["loss"])])
+         for r in rows if r["run_net"].endswith("14")]
   for r in _table(results, "VIII")["rows"]:
     if r["quant"] not in ("tnn", "4-bit") or r["run_dataset"] != "fmnist" or r["run_net"] == "En2ResNet20":
       continue
-    ref = (by_key.get(("En1ResNet8", r["quant"], r["loss"])) if r["run_net"].endswith("8")
-           else deep.get(("En1ResNet14", r["quant"], r["loss"])))
+    depth = "14" if r["run_net"].endswith("14") else "8"
+    ref = by_key.get((f"En1ResNet{depth}", r["quant"], r["loss"]))
     label = f"members: {r['run_net']} vs En1 of its depth, {r['quant']}, {r['loss']}"
     if ref and all(label != o["pair"] for o in out):
       out.append(_compare(results, label, r["run"], ref))

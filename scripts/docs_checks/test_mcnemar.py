@@ -73,3 +73,25 @@ def test_paper_gaps_are_the_ones_reproduction_quotes():
   assert (round(low, 1), round(high, 1)) == (5.5, 10.9)
   four_bit = [v for k, q in gaps["float_minus_quantized"].items() if "4-bit" in k for v in q.values()]
   assert (round(min(four_bit), 1), round(max(four_bit), 1)) == (0.1, 7.2)
+
+
+def test_dispersion_chance_is_twice_the_sd_of_a_difference_of_independent_indices():
+  # Each channel's standardised squared deviation is ~chi-square(1) (variance 2): the mean over C channels
+  # has variance 2 / C, so a difference of two runs' indices has sd sqrt(2/Ca + 2/Cb).
+  rng = np.random.default_rng(0)
+  ca, cb = 177, 401
+  diffs = rng.chisquare(1, (4000, ca)).mean(1) - rng.chisquare(1, (4000, cb)).mean(1)
+  assert claims.dispersion_chance(ca, cb) == pytest.approx(2 * diffs.std(), rel=0.05)
+
+
+@pytest.mark.skipif(not os.path.isdir(RESULTS), reason="no committed results")
+def test_sparsity_pairs_and_quantization_costs_are_the_ones_reproduction_quotes():
+  pairs = claims.sparsity(RESULTS)
+  depth = [p for p in pairs if p["pair"].startswith("depth")]
+  assert len(depth) == 10 and sum(p["diff"] < 0 for p in depth) == 9
+  assert sorted(p["verdict"] for p in depth).count("reversed") == 3
+  members = {p["pair"]: p for p in pairs if p["pair"].startswith("members")}
+  assert len(members) == 3
+  assert [round(p["diff"], 2) for p in members.values()] == [-0.88, -8.21, 0.23]
+  gaps = [q["ours"][c] - q["ours"]["N"] for q in claims.quantization_cost(RESULTS) for c in ("A1", "A2", "A3")]
+  assert (round(min(gaps), 1), round(max(gaps), 1)) == (-1.1, 1.5)
