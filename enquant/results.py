@@ -138,7 +138,7 @@ def _worst_case(data, accuracy, masks, where) -> tuple[float | None, tuple[str, 
     entry = _mapping(entry, where, "robustbench")
     names = tuple(entry.get("attacks", ()))
     if _fraction(entry.get("robust_acc"), where, "robustbench.robust_acc") > _fraction(
-        entry.get("clean_acc"), where, "robustbench.clean_acc"):
+        entry.get("clean_acc"), where, "robustbench.clean_acc") + 1e-12:
       _fail(where, f"robustbench.robust_acc {entry['robust_acc']!r} exceeds its clean_acc "
                    f"{entry['clean_acc']!r} (an image counts as robust only if it is also clean-correct)")
   if "accuracy_worst_case" not in data:
@@ -147,7 +147,7 @@ def _worst_case(data, accuracy, masks, where) -> tuple[float | None, tuple[str, 
   for name in ("natural",) + names:
     if name not in accuracy:
       _fail(where, f"the worst case takes {name!r}, which has no accuracy")
-    if worst > accuracy[name]:
+    if worst > accuracy[name] + 1e-12:
       _fail(where, f"accuracy_worst_case {worst!r} exceeds accuracy.{name} {accuracy[name]!r} (robust AND "
                    "clean-correct cannot exceed either)")
   if names and all(k in masks for k in ("natural",) + names):

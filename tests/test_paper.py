@@ -1,4 +1,4 @@
-"""The paper's protocol and tables as data: presets, CLI defaults, table rebuild, the paper's counting."""
+"""The paper harness (experiments.paper): protocol and scales, table rebuild, claim checks, studies."""
 
 import dataclasses
 import json
@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 
 from enquant import evalfiles
-from enquant import paper
+from enquant import results as results_lib
 from enquant import run_results
-from enquant import reports
 from enquant import sparsity
 from enquant import train as train_lib
+from experiments.paper import checks
+from experiments.paper import epochs
+from experiments.paper import reports
+from experiments.paper import scales as paper
+from experiments.paper import seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +115,8 @@ def test_cli_defaults_train_table_one_en5_br_row():
 
 
 def _fake_results(cfg, n_acc, a_acc):
-  return {"natural_accuracy": n_acc, "wall_seconds": 600.0, "m_bound": 0.25,
+  return {"schema_version": results_lib.SCHEMA_VERSION, "natural_accuracy": n_acc, "test_examples": 10_000,
+          "model_name": cfg.model.name, "wall_seconds": 600.0, "m_bound": 0.25,
           "robust": {"examples": 1000, "accuracy_worst_case": a_acc - 0.01,
                      "accuracy": {"natural": n_acc, "A1": a_acc, "A2": a_acc - 0.005, "A3": a_acc,
                                   "A2-eot5": a_acc - 0.002, "n": 1000}},
@@ -160,8 +165,13 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
   assert "first 30,000 training images" in md  # the reduced protocol is stated in the header
   assert "Seeds: training 0 (" in md and "evaluation 1234; one training run per row." in md
   # MNIST BR: paper N 99.22, ours 99.00 -> diff -0.22; float: the committed 98.50 vs 99.21 -> -0.71.
-  assert "| 99.22 | 99.00 | -0.22 |" in md and "| 99.21 | 98.50 | -0.71 |" in md
+  assert "| ours (mnist, En2ResNet20) | 12.50 | 99.00 | 98.00 |" in md
+  assert "| paper (mnist, En2ResNet20) | - | 99.22 |" in md and "| diff | - | -0.22 |" in md
+  assert "| ours (mnist, En2ResNet20) | 12.50 | 98.50 |" in md and "| diff | - | -0.71 |" in md
   assert md.count("pending") >= 5 * (len(tbl.rows) - 2)
+  # Stand-in rows (Fashion-MNIST for CIFAR) show the paper's row beside ours, with no difference.
+  assert md.count("| diff |") == 4 and "| paper (cifar100, En2ResNet56) | 43.94 | 52.24 |" in md
+  assert max(len(line.split("|")) - 2 for line in md.splitlines() if line.startswith("| ")) <= 12
   rows = json.loads((out / "cpu" / "table_VIII.json").read_text())["rows"]
   assert [r["state"] for r in rows].count("done") == 2
   assert rows[0]["columns"]["A2"]["ours"] == pytest.approx(97.5)
@@ -183,7 +193,7 @@ def test_committed_results_count_as_finished_without_their_run_directories(tmp_p
     name = paper.run_name(cfg)
     if name not in names:
       names.append(name)
-      results = _fake_results(cfg, 0.95 - 0.01 * names.index(name), 0.90)
+      results = _fake_results(cfg, 0.95 - 0.01 * names.index(name), 0.80)
       results["history"] = [{"epoch": e, "m_bound": 0.3 - 0.01 * e} for e in (1, 2)]
       results.update(train_seconds=3000.0, eval_seconds=600.0)  # wall_seconds (600) is the last call's
       target = (runs / "cpu" / name / "results.json" if len(names) == 1
@@ -247,31 +257,33 @@ def test_paired_difference_matches_the_closed_form_and_reads_the_interval():
   b, c, n = 10, 4, 100
   mean = (b - c) / n
   se = np.sqrt((b + c - (b - c) ** 2 / n) / (n - 1) / n)  # McNemar's variance of the paired mean
-  got = reports.paired_difference(first, second)
+  got = checks.paired_difference(first, second)
+  assert (got["b"], got["c"], got["n"]) == (b, c, n)
   assert got["diff"] == pytest.approx(100 * mean)
   assert got["low"] == pytest.approx(100 * (mean - 1.959964 * se))
   assert got["high"] == pytest.approx(100 * (mean + 1.959964 * se))
   assert got["verdict"] == "inconclusive" and got["low"] < 0 < got["high"]
-  first[60:80] = True  # 30 vs 4 disagreements: the interval leaves 0
-  assert reports.paired_difference(first, second)["verdict"] == "holds"
-  assert reports.paired_difference(second, first)["verdict"] == "reversed"
+  first[60:80] = True  # 30 vs 4 disagreements: p far below 0.05
+  assert checks.paired_difference(first, second)["verdict"] == "holds"
+  assert checks.paired_difference(second, first)["verdict"] == "reversed"
   with pytest.raises(ValueError, match="same length"):
-    reports.paired_difference(first, second[:50])
+    checks.paired_difference(first, second[:50])
 
 
 def test_reproduction_report_names_what_moved_in_points():
-  committed = {"natural_accuracy": 0.8244, "robust": {"accuracy": {"n": 1000, "natural": 0.83, "A1": 0.76,
-                                                                    "A2": 0.758}}}
-  same = json.loads(json.dumps(committed))
-  assert reports.reproduction_report("r", committed, same).startswith("reproduced: r ")
+  cfg = paper.build_config(_row("I", ensembles=1, quant="br"), "cpu")
+  committed = _fake_results(cfg, 0.8244, 0.76)
+  committed["robust"]["accuracy"] = {"n": 1000, "natural": 0.83, "A1": 0.76, "A2": 0.758}
+  typed = lambda d: results_lib.RunResults.from_dict(json.loads(json.dumps(d)))
+  assert reports.reproduction_report("r", typed(committed), typed(committed)).startswith("reproduced: r ")
   rerun = json.loads(json.dumps(committed))
   rerun["natural_accuracy"], rerun["robust"]["accuracy"]["A1"] = 0.8262, 0.765
-  rerun["robust"]["accuracy"]["n"] = 999  # counts are not accuracies: never reported
-  line = reports.reproduction_report("r", committed, rerun)
+  rerun["robust"]["accuracy"]["n"] = rerun["robust"]["examples"] = 999  # counts are not accuracies
+  line = reports.reproduction_report("r", typed(committed), typed(rerun))
   assert line == ("warning: r differs from its committed results: A1 0.76 -> 0.765 (+0.50), "
                   "N 0.8244 -> 0.8262 (+0.18)")
   del rerun["robust"]["accuracy"]["A2"]  # an attack the rerun lacks is named too
-  assert "A2 0.758 -> None" in reports.reproduction_report("r", committed, rerun)
+  assert "A2 0.758 -> None" in reports.reproduction_report("r", typed(committed), typed(rerun))
 
 
 def test_masks_are_packed_compactly_and_unpacked_exactly():
@@ -288,7 +300,18 @@ def _masked_results(cfg, correct: dict[str, np.ndarray]):
   res = _fake_results(cfg, float(correct["natural"].mean()), float(correct["A1"].mean()))
   res["robust"]["accuracy"] = {**{k: float(v.mean()) for k, v in correct.items()}, "n": n}
   res["robust"]["masks"] = {k: evalfiles.pack_mask(v) for k, v in correct.items()}
+  res["robust"]["examples"] = n
+  res["robust"]["accuracy_worst_case"] = float(np.logical_and.reduce(list(correct.values())).mean())
   return res
+
+
+def _typed(results: dict) -> dict:
+  """Run results by name as the harness reads them (validated)."""
+  return {k: results_lib.RunResults.from_dict(json.loads(json.dumps(v))) for k, v in results.items()}
+
+
+def _evaluation(d: dict) -> results_lib.Evaluation:
+  return results_lib.Evaluation.from_dict(json.loads(json.dumps(d)), "transfer")
 
 
 def test_table_viii_checks_pair_each_quantized_row_with_its_float_row():
@@ -309,49 +332,47 @@ def test_claim_checks_compare_two_runs_on_the_same_images():
   tbl = paper.table("I")
   br1, bc1 = tbl.checks[0].better, tbl.checks[0].worse
   br2 = tbl.checks[1].better
-  results = {name(br1): _masked_results(paper.build_config(br1, "cpu"), better),
-             name(bc1): _masked_results(paper.build_config(bc1, "cpu"), base),
-             name(br2): _fake_results(paper.build_config(br2, "cpu"), 0.8, 0.7)}  # no masks
-  checks = reports.check_rows(tbl, "cpu", results, {})
-  assert [c["state"] for c in checks][0] == "done" and checks[0]["verdict"] == "holds"
-  a2 = checks[0]["columns"]["A2"]
+  results = _typed({name(br1): _masked_results(paper.build_config(br1, "cpu"), better),
+                    name(bc1): _masked_results(paper.build_config(bc1, "cpu"), base),
+                    name(br2): _fake_results(paper.build_config(br2, "cpu"), 0.8, 0.7)})  # no masks
+  got = checks.check_rows(tbl, "cpu", results, {})
+  assert [c["state"] for c in got][0] == "done" and got[0]["verdict"] == "holds"
+  a2 = got[0]["columns"]["A2"]
   assert a2["diff"] == pytest.approx(100 * (better["A2"].mean() - base["A2"].mean()))
-  assert checks[1]["state"] == "pending"  # En2 BC has no run
-  assert checks[2]["state"] == "pending"
-  md = reports.table_markdown(tbl, "cpu", reports.table_rows(tbl, "cpu", results, {}), checks)
-  assert "## Claim check on our runs" in md
-  assert f"| BR beats BC, En1ResNet20 | {checks[0]['columns']['N']['diff']:+.2f} [" in md
+  assert (a2["b"], a2["c"]) == (int(np.sum(better["A2"] & ~base["A2"])), 0)
+  assert got[1]["state"] == "pending"  # En2 BC has no run
+  md = reports.table_markdown(tbl, "cpu", reports.table_rows(tbl, "cpu", results, {}), got)
+  assert "## Claim check on our runs" in md and "exact McNemar" in md
+  assert f"| BR beats BC, En1ResNet20 | {got[0]['columns']['N']['diff']:+.2f} [" in md
   # Table III: the same target under its oracle's (transferred) examples vs white-box
   t3 = paper.table("III")
   check = t3.checks[0]
   target, oracle = name(check.worse), name(check.better.oracle)
   transfer = _masked_results(paper.build_config(check.worse, "cpu"), better)["robust"]
-  results = {target: _masked_results(paper.build_config(check.worse, "cpu"), base),
-             oracle: _fake_results(paper.build_config(check.better.oracle, "cpu"), 0.8, 0.7)}
-  got = reports.check_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
+  raw = {target: _masked_results(paper.build_config(check.worse, "cpu"), base),
+         oracle: _fake_results(paper.build_config(check.better.oracle, "cpu"), 0.8, 0.7)}
+  got = checks.check_rows(t3, "cpu", _typed(raw), {(target, oracle): _evaluation(transfer)})[0]
   assert got["verdict"] == "holds" and set(got["columns"]) == {"A1", "A2", "A3"}
   # The transfer row shows the transfer's worst case and other attacks, not the white-box ones.
-  results[target]["robust"].update(accuracy_worst_case=0.1)
-  results[target]["robust"]["accuracy"]["A2-eot5"] = 0.2
-  transfer.update(accuracy_worst_case=0.6, accuracy={**transfer["accuracy"], "A2-eot5": 0.65})
-  row = reports.table_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
-  assert row["state"] == "done" and row["worst_case"] == pytest.approx(60.0)
+  raw[target]["robust"]["accuracy"]["A2-eot5"] = 0.2
+  transfer["accuracy"]["A2-eot5"] = 0.65
+  row = reports.table_rows(t3, "cpu", _typed(raw), {(target, oracle): _evaluation(transfer)})[0]
+  assert row["state"] == "done" and row["worst_case"] == pytest.approx(100 * transfer["accuracy_worst_case"])
   assert row["extra_attacks"] == {"A2-eot5": pytest.approx(65.0)}
-  del results[target]["robust"]["masks"]
-  got = reports.check_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
+  del raw[target]["robust"]["masks"]
+  got = checks.check_rows(t3, "cpu", _typed(raw), {(target, oracle): _evaluation(transfer)})[0]
   assert got["state"].startswith("no per-image masks")
-  # A transfer kept without masks (its models gone) carries the check computed when they existed.
-  earlier = got_done = dict(reports.check_rows(
-      t3, "cpu", {target: _masked_results(paper.build_config(check.worse, "cpu"), base)},
-      {(target, oracle): transfer})[0])
+  # A transfer kept without masks carries its check's discordant counts; the McNemar test decides it.
+  earlier = checks.check_rows(t3, "cpu", _typed({target: _masked_results(paper.build_config(check.worse, "cpu"),
+                                                                          base)}),
+                              {(target, oracle): _evaluation(transfer)})[0]
   kept = {k: v for k, v in transfer.items() if k != "masks"}
   kept.update(check=earlier, reconstructed_from="an older table")
-  got = reports.check_rows(t3, "cpu", results, {(target, oracle): kept})[0]
-  assert got["columns"] == got_done["columns"] and got["verdict"] == "holds (computed before; an older table)"
-  kept["masks"] = transfer["masks"]  # with masks the check is computed again, never carried
-  results[target] = _masked_results(paper.build_config(check.worse, "cpu"), better)
-  got = reports.check_rows(t3, "cpu", results, {(target, oracle): kept})[0]
-  assert got["verdict"] == "3 inconclusive" and got["columns"]["A1"]["diff"] == 0.0
+  got = checks.check_rows(t3, "cpu", _typed(raw), {(target, oracle): _evaluation(kept)})[0]
+  assert got["columns"] == earlier["columns"] and got["verdict"] == "holds (from an older table)"
+  kept["check"]["columns"]["A1"].update(b=5, c=1)  # 5 vs 1: p = 0.22, not a verdict
+  got = checks.check_rows(t3, "cpu", _typed(raw), {(target, oracle): _evaluation(kept)})[0]
+  assert got["columns"]["A1"]["verdict"] == "inconclusive" and got["verdict"].startswith("2 holds, 1 inconclusive")
 
 
 def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
@@ -364,7 +385,7 @@ def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
     res = _fake_results(paper.build_config(row, "cpu"), 0.9, 0.5)
     res["efficiency"]["sparsity_paper_counting"]["total/in_channel_sparsity"] = value
     results[name(row)] = res
-  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  got = checks.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", _typed(results), {}))
   assert len(got) == len(t7.trends) == 22 + 12
   assert got[0]["paper"] == pytest.approx(11.16 - 2.55) and got[0]["ours"] == pytest.approx(7.5)
   assert got[0]["verdict"] == "holds" and all(t["state"] == "pending" for t in got[1:])
@@ -373,32 +394,32 @@ def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
   assert (t7.trends[twin].larger, t7.trends[twin].smaller) == (trend.larger, trend.smaller)
   for row, d in ((trend.larger, 1.5), (trend.smaller, 2.25)):
     results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/zero_dispersion"] = d
-  rows = reports.table_rows(t7, "cpu", results, {})
+  rows = reports.table_rows(t7, "cpu", _typed(results), {})
   assert rows[0]["columns"]["zero_dispersion"] == {"paper": None, "ours": 1.5, "diff": None}
-  got = reports.trend_rows(t7, "cpu", rows)
+  got = checks.trend_rows(t7, "cpu", rows)
   assert got[twin]["paper"] is None and got[twin]["ours"] == pytest.approx(-0.75)
   assert got[twin]["verdict"] == "reversed"
   md = reports.table_markdown(t7, "cpu", rows, [], got)
   assert f"| {t7.trends[twin].label} | - | -0.75 | reversed |" in md
   # With the channel counts known, a difference within chance (2 sqrt(2/177 + 2/177) = 0.30) is a tie.
   for row in (trend.larger, trend.smaller):
-    results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/in_channels"] = 177
+    results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/dispersion_channels"] = 177
   results[name(trend.smaller)]["efficiency"]["sparsity_paper_counting"]["total/zero_dispersion"] = 1.75
-  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  got = checks.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", _typed(results), {}))
   assert got[twin]["verdict"] == "tie" and got[twin]["chance"] == pytest.approx(0.3007, abs=1e-4)
   results[name(trend.smaller)]["efficiency"]["sparsity_paper_counting"]["total/zero_dispersion"] = 1.1
-  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  got = checks.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", _typed(results), {}))
   assert got[twin]["verdict"] == "holds" and "chance" not in got[0]
-  for row in (trend.larger, trend.smaller):  # the averaged channels, when recorded, replace the 3x3 count
+  for row in (trend.larger, trend.smaller):  # fewer channels averaged: a wider chance band
     results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/dispersion_channels"] = 40
-  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  got = checks.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", _typed(results), {}))
   assert got[twin]["verdict"] == "tie" and got[twin]["chance"] == pytest.approx(2 * np.sqrt(4 / 40))
   t4 = paper.table("IV")  # M decreases with n: En1 above En2 (paper 0.2762 - 0.2399); ours reversed
   results = {}
   for row, m in zip(t4.rows[:2], (0.20, 0.25)):
     results[name(row)] = dict(_fake_results(paper.build_config(row, "cpu"), 0.9, 0.5), m_bound=m)
-  rows = reports.table_rows(t4, "cpu", results, {})
-  got = reports.trend_rows(t4, "cpu", rows)
+  rows = reports.table_rows(t4, "cpu", _typed(results), {})
+  got = checks.trend_rows(t4, "cpu", rows)
   assert got[0]["verdict"] == "reversed" and got[0]["ours"] == pytest.approx(-0.05)
   md = reports.table_markdown(t4, "cpu", rows, [], got)
   assert "| M of En1ResNet20 above En2ResNet20 | +0.0363 | -0.0500 | reversed |" in md
@@ -460,12 +481,12 @@ def test_epochs_study_rows_use_the_papers_counting_in_percent():
   counted = results["efficiency"]["sparsity_paper_counting"]
   counted.update({"total/channel_sparsity": 0.25, "total/in_channel_sparsity": 0.125})
   results["efficiency"]["sparsity"]["total/channel_sparsity"] = 0.5  # not the paper's counting: ignored
-  row = reports.study_row(results)
+  row = epochs.study_row(results_lib.RunResults.from_dict(results))
   assert row["epochs"] == 6 and row["channel sparsity"] == 25.0 and row["in-channel sparsity"] == 12.5
   np.testing.assert_allclose([row["N"], row["A1"], row["weight sparsity"], row["train min"]],
                              [84.92, 55.5, 100 * counted["total/weight_sparsity"],
                               results["train_seconds"] / 60])
-  md = reports.study_markdown("r", [row, dict(row, epochs=24, A3=None)])
+  md = epochs.study_markdown("r", [row, dict(row, epochs=24, A3=None)])
   lines = md.splitlines()
   assert lines[-2].startswith("| 6 | 84.92 | 55.50 |") and "| 25.00 | 12.50 |" in lines[-2]
   assert lines[-1].startswith("| 24 |") and "| - |" in lines[-1]
@@ -481,30 +502,32 @@ def test_epochs_study_refuses_bad_flags_in_one_line():
 
 
 def test_across_seeds_is_the_student_t_interval_of_the_mean():
-  got = reports.across_seeds([1.0, 2.0, 3.0])
+  got = checks.across_seeds([1.0, 2.0, 3.0])
   half = 4.302653 * 1.0 / np.sqrt(3)  # t(0.975, df 2), sd 1
   np.testing.assert_allclose([got["mean"], got["sd"], got["low"], got["high"]], [2, 1, 2 - half, 2 + half],
                              rtol=1e-6)
   assert got["verdict"] == "inconclusive" and got["seeds"] == 3
-  assert reports.across_seeds([3.0, 4.0, 5.0])["verdict"] == "holds"
-  assert reports.across_seeds([-3.0, -4.0, -5.0])["verdict"] == "reversed"
+  assert checks.across_seeds([3.0, 4.0, 5.0])["verdict"] == "holds"
+  assert checks.across_seeds([-3.0, -4.0, -5.0])["verdict"] == "reversed"
   with pytest.raises(ValueError, match=">= 2 values"):
-    reports.across_seeds([1.0])
+    checks.across_seeds([1.0])
 
 
 def test_seeds_study_compares_two_runs_per_seed_and_across_seeds():
-  def results(nat, a1, mask):
+  def results(nat, _, mask):
     n = len(mask)
     packed = evalfiles.pack_mask(np.asarray(mask, bool))
-    return {"natural_accuracy": nat, "train_seconds": 120.0,
-            "robust": {"accuracy": {"natural": np.mean(mask), "A1": a1, "n": n},
-                       "masks": {"natural": packed, "A1": packed}}}
-  a = [reports.seed_row(results(0.80, 0.75, [1, 1, 1, 0]), 0), reports.seed_row(results(0.82, 0.70, [1, 1, 0, 0]), 1)]
-  b = [reports.seed_row(results(0.78, 0.74, [1, 0, 0, 0]), 0), reports.seed_row(results(0.81, 0.72, [1, 1, 0, 0]), 1)]
+    return results_lib.RunResults.from_dict({
+        "schema_version": 2, "natural_accuracy": nat, "test_examples": 10_000, "model_name": "m",
+        "config": {"dataset": "fmnist"}, "train_seconds": 120.0,
+        "robust": {"accuracy": {"natural": float(np.mean(mask)), "A1": float(np.mean(mask)), "n": n},
+                   "masks": {"natural": packed, "A1": packed}}})
+  a = [seeds.seed_row(results(0.80, 0.75, [1, 1, 1, 0]), 0), seeds.seed_row(results(0.82, 0.70, [1, 1, 0, 0]), 1)]
+  b = [seeds.seed_row(results(0.78, 0.74, [1, 0, 0, 0]), 0), seeds.seed_row(results(0.81, 0.72, [1, 1, 0, 0]), 1)]
   assert a[0]["train min"] == 2.0 and a[0]["A2"] is None
-  text, summary = reports.seeds_markdown(["a", "b"], {"a": a, "b": b})
+  text, summary = seeds.seeds_markdown(["a", "b"], {"a": a, "b": b})
   np.testing.assert_allclose(summary["difference"]["per_seed"]["N"], [2.0, 1.0])
-  np.testing.assert_allclose(summary["difference"]["per_seed"]["A1"], [1.0, -2.0])
+  np.testing.assert_allclose(summary["difference"]["per_seed"]["A1"], [50.0, 0.0])  # A1 = its mask's mean
   over = summary["difference"]["across_seeds"]
   assert over["N"]["mean"] == pytest.approx(1.5) and over["A2"] is None
   assert summary["spread"]["a"]["N"] == pytest.approx(np.std([80, 82], ddof=1))

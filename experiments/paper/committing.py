@@ -134,10 +134,10 @@ class Store:
       self.first_runs.add(name)
       return committed
     files.write_json_atomic(self.committed(name), reports.portable(res.to_dict()))
-    self.keep_model(name, log)
+    self.keep_model(name, float_run=res.config.get("quant", {}).get("mode") == "float", log=log)
     return res
 
-  def keep_model(self, name: str, log=print) -> str | None:
+  def keep_model(self, name: str, *, float_run: bool, log=print) -> str | None:
     """Copies the run's model file beside its committed results (``runs/<run>.npz``); a float run trained
     without one gets a float32 export of its newest checkpoint. Returns the path, or None."""
     dest = self.model(name)
@@ -147,8 +147,8 @@ class Store:
         with open(src, "rb") as source:
           files.write_bytes_atomic(dest, lambda f, s=source: shutil.copyfileobj(s, f))
         return dest
-    if os.path.exists(dest):
-      return dest
+    if os.path.exists(dest) or not float_run:
+      return dest if os.path.exists(dest) else None
     return self._export_float(name, dest, log)
 
   def _export_float(self, name: str, dest: str, log) -> str | None:
@@ -157,8 +157,6 @@ class Store:
       cfg, _, variables, _ = pipeline.load_run(self.workdir(name), data_dir=self.data_dir, log=lambda *_: None)
     except (FileNotFoundError, ValueError) as e:
       log(f"model of {name} not kept: {e}")
-      return None
-    if cfg.quant.enabled:
       return None
     run_results.save_float_model(dest, cfg, variables, data_lib.DATASETS[cfg.dataset].image_shape)
     return dest
