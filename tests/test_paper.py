@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -553,3 +554,166 @@ def test_seed_variants_keep_the_evaluation_and_refuse_bad_flags():
     got = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert got.returncode == 2 and got.stderr.strip().splitlines()[-1].startswith("error: "), got.stderr
     assert message in got.stderr and "Traceback" not in got.stderr
+
+
+def test_mcnemar_p_is_the_exact_two_sided_binomial_test_on_hand_made_masks():
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  # 1000 images: 36 only the first run gets right, 21 only the second, 643 both.
+  first, second = np.zeros(1000, bool), np.zeros(1000, bool)
+  first[:36] = True
+  second[36:57] = True
+  first[57:700] = second[57:700] = True
+  got = checks.paired_difference(first, second)
+  assert (got["b"], got["c"], got["n"]) == (36, 21, 1000)
+  direct = min(1.0, 2 * sum(math.comb(57, k) for k in range(22)) / 2 ** 57)  # P[X <= 21], X ~ Bin(57, 1/2)
+  assert got["p"] == pytest.approx(direct, rel=1e-12)
+  assert got["p"] == pytest.approx(stats.binomtest(36, 57, 0.5).pvalue, rel=1e-9)
+  assert got["low"] > 0 and got["verdict"] == "inconclusive"  # the normal interval alone would say holds
+  assert checks.paired_difference(second, first)["p"] == got["p"]  # two-sided: symmetric
+  assert checks.mcnemar_p(0, 0) == 1.0 and checks.mcnemar_p(5, 5) == 1.0
+  assert checks.mcnemar_p(6, 0) == pytest.approx(2 / 64)  # both tails of 6 coin flips all alike
+  with pytest.raises(ValueError, match="discordant count b"):
+    checks.mcnemar_p(-1, 3)
+
+
+def _one_line_error(fn, match):
+  with pytest.raises(results_lib.ResultsError, match=match) as e:
+    fn()
+  assert "\n" not in str(e.value)
+  return str(e.value)
+
+
+def test_results_files_refuse_what_cannot_be_true(tmp_path):
+  cfg = paper.build_config(_row("I", ensembles=1, quant="br"), "cpu")
+  rng = np.random.default_rng(0)
+  natural = rng.random(64) < 0.5
+  good = _masked_results(cfg, {"natural": natural, "A1": natural & (rng.random(64) < 0.8),
+                               "A2": rng.random(64) < 0.4, "A3": natural & (rng.random(64) < 0.7)})
+  good["robust"]["robustbench"] = {"attacks": ["A1", "A2", "A3"], "clean_acc": good["robust"]["accuracy"]["natural"],
+                                   "robust_acc": good["robust"]["accuracy_worst_case"], "eps": 0.031}
+  path = tmp_path / "results.json"
+  results_lib.RunResults.from_dict(good).to_json(str(path))
+  loaded = results_lib.RunResults.from_json(str(path))
+  assert loaded.to_dict() == json.loads(json.dumps(good))
+  assert loaded.robust.mask("A2").tolist() == good_mask(good, "A2")
+  def crafted(edit):
+    bad = json.loads(json.dumps(good))
+    edit(bad)
+    path.write_text(json.dumps(bad))
+    return lambda: results_lib.RunResults.from_json(str(path))
+  acc = lambda d: d["robust"]["accuracy"]
+  message = _one_line_error(crafted(lambda d: acc(d).update(A1=7.5)), r"accuracy.A1 must be an accuracy in \[0, 1\]")
+  assert message.startswith(str(path))
+  _one_line_error(crafted(lambda d: acc(d).update(A2=0.999)), "per-image mask gives")
+  _one_line_error(crafted(lambda d: acc(d).update(A3="0.9")), "got '0.9'")
+  _one_line_error(crafted(lambda d: d.update(natural_accuracy=True)), "natural_accuracy")
+  _one_line_error(crafted(lambda d: d["robust"].update(accuracy_worst_case=acc(d)["natural"] + 0.1)),
+                  "exceeds accuracy.natural")
+  # 20 images survive every attack, 10 of them misclassified clean: the worst case is 10 of 64, not 20.
+  clean, survive = np.arange(64) < 40, (np.arange(64) >= 30) & (np.arange(64) < 50)
+  old_count = _masked_results(cfg, {"natural": clean, "A1": survive, "A2": survive, "A3": survive})
+  old_count["robust"]["accuracy_worst_case"] = 20 / 64
+  old_count["robust"]["robustbench"] = dict(good["robust"]["robustbench"], clean_acc=40 / 64, robust_acc=20 / 64)
+  _one_line_error(lambda: results_lib.RunResults.from_dict(old_count, "old.json"), "robust AND clean-correct 0.1562")
+  _one_line_error(crafted(lambda d: d["robust"]["robustbench"].update(robust_acc=1.0)), "exceeds its clean_acc")
+  _one_line_error(crafted(lambda d: d.update(schema_version=1)), "convert_results.py")
+  path.write_text('{"natural_accuracy": 0.9')
+  _one_line_error(lambda: results_lib.RunResults.from_json(str(path)), "not a readable JSON")
+
+
+def good_mask(results, name):
+  return evalfiles.unpack_mask(results["robust"]["masks"][name], results["robust"]["examples"]).tolist()
+
+
+def test_every_committed_results_file_loads_as_typed_results():
+  import glob  # pylint: disable=g-import-not-at-top
+  runs = [p for kind in ("runs", "seeds_runs", "epochs_runs", "reruns")
+          for p in glob.glob(os.path.join(ROOT, "results", "*", kind, "*.json"))]
+  assert len(runs) >= 89
+  for path in runs:
+    res = results_lib.RunResults.from_json(path)
+    if res.robust is not None and res.robust.worst_case is not None and res.robust.masks:
+      both = np.logical_and.reduce([res.robust.mask(k) for k in ("natural",) + res.robust.worst_case_attacks])
+      assert res.robust.worst_case == pytest.approx(both.mean())  # robust AND clean-correct
+  for path in glob.glob(os.path.join(ROOT, "results", "*", "transfers", "*.json")):
+    results_lib.read_evaluation(path)
+
+
+def test_crafted_results_are_refused_and_a_cut_metrics_line_does_not_stop_list(tmp_path):
+  runs, out = tmp_path / "runs", tmp_path / "results"
+  rows = paper.table("VIII").rows
+  crafted_cfg, resumable_cfg = (paper.build_config(r, "cpu") for r in (rows[0], rows[2]))
+  crafted = runs / "cpu" / paper.run_name(crafted_cfg)
+  crafted.mkdir(parents=True)
+  bad = _fake_results(crafted_cfg, 0.5, 0.4)
+  bad["robust"]["accuracy"]["A1"] = 7.5
+  (crafted / "results.json").write_text(json.dumps(bad))
+  resumable = runs / "cpu" / paper.run_name(resumable_cfg)
+  resumable.mkdir(parents=True)
+  (resumable / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "test_a')  # killed write
+  common = [sys.executable, "-m", "experiments.paper", "--table=VIII", "--scale=cpu",
+            f"--runs_root={runs}", f"--results_root={out}"]
+  listing = subprocess.run(common + ["--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert listing.returncode == 0, listing.stderr[-2000:]
+  assert f"epoch 1  {resumable.name}" in listing.stdout
+  rebuild = subprocess.run(common + ["--tables_only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert rebuild.returncode == 2 and "Traceback" not in rebuild.stderr
+  assert rebuild.stderr.strip().splitlines()[-1] == (
+      f"error: {crafted / 'results.json'}: accuracy.A1 must be an accuracy in [0, 1], got 7.5")
+  assert not (out / "cpu" / "runs" / (crafted.name + ".json")).exists()  # nothing copied
+  assert not (out / "cpu" / "table_VIII.md").exists()
+
+
+def test_two_queues_share_a_table_run_by_run(tmp_path, monkeypatch):
+  from enquant import files, pipeline  # pylint: disable=g-import-not-at-top
+  from experiments.paper import committing  # pylint: disable=g-import-not-at-top
+  store = committing.Store(str(tmp_path / "runs"), str(tmp_path / "results"), "cpu")
+  trained = []
+  def fake_train(cfg, workdir, **_):
+    trained.append(os.path.basename(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    files.write_json_atomic(os.path.join(workdir, "results.json"), _fake_results(cfg, 0.9, 0.8))
+  monkeypatch.setattr(pipeline, "train_and_evaluate", fake_train)
+  rows = paper.table("VIII").rows
+  (a, cfg_a), (b, cfg_b) = ((paper.run_name(c), c) for c in (paper.build_config(r, "cpu") for r in rows[:2]))
+  logged = []
+  kw = dict(progress=False, command="python -m experiments.paper --table=VIII", log=logged.append, announce="go")
+  os.makedirs(store.runs_dir)
+  with files.hold_lock(store.workdir(a) + ".lock", "the other queue"):  # another queue trains run a
+    store.train(a, cfg_a, **kw)
+    store.train(b, cfg_b, **kw)
+  assert trained == [b] and any(line.startswith(f"skip {a}: run {a} is in use by pid ") for line in logged)
+  store.train(b, cfg_b, **kw)  # finished meanwhile: skipped, not trained twice
+  assert trained == [b] and logged[-1] == f"skip {b}: done (finished by another process)"
+  log = files.read_jsonl(os.path.join(store.out_dir, "runs.jsonl"))
+  assert [(r["run"], r["command"]) for r in log] == [(b, kw["command"])]
+  assert set(log[0]) == {"run", "command", "hardware", "start", "wall_seconds"}
+
+
+def test_models_are_kept_beside_committed_results_and_float_models_load(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from enquant import export  # pylint: disable=g-import-not-at-top
+  from enquant.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  from enquant.models import EnResNet, ModelConfig  # pylint: disable=g-import-not-at-top
+  from experiments.paper import committing  # pylint: disable=g-import-not-at-top
+  store = committing.Store(str(tmp_path / "runs"), str(tmp_path / "results"), "cpu")
+  rows = paper.table("VIII").rows  # BR and float MNIST rows
+  for row, model_file in ((rows[0], "model_packed.npz"), (rows[1], "model_float32.npz")):
+    cfg = paper.build_config(row, "cpu")
+    workdir = store.workdir(paper.run_name(cfg))
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(_fake_results(cfg, 0.9, 0.8), f)
+    with open(os.path.join(workdir, model_file), "wb") as f:
+      f.write(model_file.encode())
+    assert store.results(paper.run_name(cfg)) is not None
+    with open(store.model(paper.run_name(cfg)), "rb") as f:
+      assert f.read() == model_file.encode()
+  cfg = ExperimentConfig(model=ModelConfig(depth=8, ensembles=2, noise_coef=0.1, num_classes=10))
+  model = EnResNet(cfg.model)
+  x = np.random.default_rng(0).random((2, 28, 28, 1), np.float32)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  run_results.save_float_model(str(tmp_path / "float.npz"), cfg, variables, (28, 28, 1))
+  loaded, loaded_vars = export.load_model(str(tmp_path / "float.npz"))
+  key = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(loaded.apply_eval(loaded_vars, x, key), model.apply_eval(variables, x, key))
