@@ -81,8 +81,7 @@ def convert_transfer(data: dict, where: str) -> dict:
   if "check" in out and "masks" not in out:
     for column in out["check"]["columns"].values():
       _discordant(column)
-    out["reconstructed_from"] = ("results/cpu/table_III.json of commit 5202526 (the per-image masks and "
-                                 "models were not kept)")
+    out["reconstructed_from"] = "results/cpu/table_III.json of commit 5202526, kept without per-image masks"
   results_lib.Evaluation.from_dict(out, where)
   return out
 
