@@ -135,11 +135,14 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps(dict(_fake_results(cfg, 0.99 - 0.01 * i, 0.98),
                                                     workdir=str(d.resolve()))))
+  resumable = runs / "cpu" / paper.run_name(paper.build_config(tbl.rows[2], "cpu"))
+  resumable.mkdir(parents=True)
+  (resumable / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "test_a')  # killed write
   common = [sys.executable, "-m", "experiments.paper", "--table=VIII", "--scale=cpu",
             f"--runs_root={runs}", f"--results_root={out}"]
   listing = subprocess.run(common + ["--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert listing.returncode == 0, listing.stderr[-2000:]
-  assert listing.stdout.count(" done  ") == 2 and "missing  fmnist-En2ResNet20" in listing.stdout
+  assert listing.stdout.count(" done  ") == 2 and f"epoch 1  {resumable.name}" in listing.stdout
   # cpu-scale stand-ins name the net they train and the paper's net they stand for
   assert "(En2ResNet14 float (6) a=1 b=8, 6 epochs on fmnist, for the paper's En2ResNet56)" in listing.stdout
   assert "2 epochs on mnist)" in listing.stdout  # the direct rows train the paper's own net
@@ -495,11 +498,14 @@ def test_epochs_study_rows_use_the_papers_counting_in_percent():
 
 
 def test_epochs_study_refuses_bad_flags_in_one_line():
-  base = [sys.executable, "-m", "experiments.epochs_study"]
-  for args, message in ((["--run=fmnist-ResNet8-nope-00000000"], "is no run of the paper's tables"),
-                        (["--run=fmnist-ResNet8-br2b-natural-141eb115", "--epochs=24,0"], "positive integers")):
-    got = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert got.returncode != 0 and message in got.stderr and "Traceback" not in got.stderr, got.stderr[-1000:]
+  from absl import app  # pylint: disable=g-import-not-at-top
+  assert epochs._parse_epochs(["24", " 60"]) == [24, 60]  # pylint: disable=protected-access
+  with pytest.raises(app.UsageError, match="positive integers"):
+    epochs._parse_epochs(["24", "0"])  # pylint: disable=protected-access
+  got = subprocess.run([sys.executable, "-m", "experiments.epochs_study", "--run=fmnist-ResNet8-nope-00000000"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert got.returncode != 0 and "is no run of the paper's tables" in got.stderr, got.stderr[-1000:]
+  assert "Traceback" not in got.stderr
 
 
 def test_across_seeds_is_the_student_t_interval_of_the_mean():
@@ -547,13 +553,15 @@ def test_seed_variants_keep_the_evaluation_and_refuse_bad_flags():
   assert paper.run_name(again) != paper.run_name(cfg)
   with pytest.raises(ValueError, match="is no run of the paper's tables"):
     paper.find_run("fmnist-En1ResNet8-nope-00000000", "cpu")
-  base = [sys.executable, "-m", "experiments.seeds_study", "--runs=fmnist-En1ResNet8-br1b-at-4e0638c4"]
-  for args, message in ((["--seeds=1,0"], "distinct positive integers"),
-                        (["--seeds=1", "--runs_root=/nonexistent", "--results_root=/nonexistent"],
-                         "has no results yet")):
-    got = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert got.returncode == 2 and got.stderr.strip().splitlines()[-1].startswith("error: "), got.stderr
-    assert message in got.stderr and "Traceback" not in got.stderr
+  assert seeds.parse_seeds(["1", "3"]) == [1, 3]
+  for bad in (["1", "0"], ["2", "2"], ["x"]):
+    with pytest.raises(ValueError, match="distinct positive integers"):
+      seeds.parse_seeds(bad)
+  got = subprocess.run([sys.executable, "-m", "experiments.seeds_study", "--runs=fmnist-En1ResNet8-br1b-at-4e0638c4",
+                        "--seeds=1", "--runs_root=/nonexistent", "--results_root=/nonexistent"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert got.returncode == 2 and got.stderr.strip().splitlines()[-1].startswith("error: "), got.stderr
+  assert "has no results yet" in got.stderr and "Traceback" not in got.stderr
 
 
 def test_mcnemar_p_is_the_exact_two_sided_binomial_test_on_hand_made_masks():
@@ -639,23 +647,16 @@ def test_every_committed_results_file_loads_as_typed_results():
     results_lib.read_evaluation(path)
 
 
-def test_crafted_results_are_refused_and_a_cut_metrics_line_does_not_stop_list(tmp_path):
+def test_crafted_results_are_refused_and_nothing_is_copied(tmp_path):
   runs, out = tmp_path / "runs", tmp_path / "results"
-  rows = paper.table("VIII").rows
-  crafted_cfg, resumable_cfg = (paper.build_config(r, "cpu") for r in (rows[0], rows[2]))
+  crafted_cfg = paper.build_config(paper.table("VIII").rows[0], "cpu")
   crafted = runs / "cpu" / paper.run_name(crafted_cfg)
   crafted.mkdir(parents=True)
   bad = _fake_results(crafted_cfg, 0.5, 0.4)
   bad["robust"]["accuracy"]["A1"] = 7.5
   (crafted / "results.json").write_text(json.dumps(bad))
-  resumable = runs / "cpu" / paper.run_name(resumable_cfg)
-  resumable.mkdir(parents=True)
-  (resumable / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "test_a')  # killed write
   common = [sys.executable, "-m", "experiments.paper", "--table=VIII", "--scale=cpu",
             f"--runs_root={runs}", f"--results_root={out}"]
-  listing = subprocess.run(common + ["--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert listing.returncode == 0, listing.stderr[-2000:]
-  assert f"epoch 1  {resumable.name}" in listing.stdout
   rebuild = subprocess.run(common + ["--tables_only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert rebuild.returncode == 2 and "Traceback" not in rebuild.stderr
   assert rebuild.stderr.strip().splitlines()[-1] == (
@@ -709,7 +710,7 @@ def test_models_are_kept_beside_committed_results_and_float_models_load(tmp_path
     assert store.results(paper.run_name(cfg)) is not None
     with open(store.model(paper.run_name(cfg)), "rb") as f:
       assert f.read() == model_file.encode()
-  cfg = ExperimentConfig(model=ModelConfig(depth=8, ensembles=2, noise_coef=0.1, num_classes=10))
+  cfg = ExperimentConfig(model=ModelConfig(depth=8, ensembles=1, noise_coef=0.1, num_classes=10))
   model = EnResNet(cfg.model)
   x = np.random.default_rng(0).random((2, 28, 28, 1), np.float32)
   variables = model.init(jax.random.PRNGKey(0), x)
