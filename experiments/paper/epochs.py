@@ -15,6 +15,7 @@ repeated; lengths already trained are read back, not trained again.
 """
 
 import os
+import sys
 from typing import Any
 
 from absl import app
@@ -78,6 +79,14 @@ def _parse_epochs(values) -> list[int]:
 
 
 def main(argv):
+  try:
+    _study(argv)
+  except ValueError as e:  # a results file that cannot be true (ResultsError) names itself in one line
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _study(argv):
   del argv
   experiments.quiet_logs()
   from enquant import files, pipeline, plots, results as results_lib  # pylint: disable=g-import-not-at-top
