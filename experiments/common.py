@@ -284,7 +284,7 @@ def start_distributed() -> None:
 
 def protocol_defaults(dataset: str) -> dict:
   """Flag values of the paper's protocol for ``dataset`` (:func:`enquant.paper.protocol`)."""
-  from enquant import paper  # pylint: disable=g-import-not-at-top
+  from experiments.paper import scales as paper  # pylint: disable=g-import-not-at-top
   cfg = paper.protocol(dataset)
   m, t, l, q, e = cfg.model, cfg.train, cfg.loss, cfg.quant, cfg.eval
   return dict(

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from enquant import paper
-from enquant import reports
+from experiments.paper import scales as paper
+from experiments.paper import reports
 from enquant.config import ExperimentConfig
 from enquant.models import add_noise, EnResNet, ModelConfig, PreActBlock
 from enquant.models import noise

@@ -1,7 +1,8 @@
-"""The paper's protocol and tables as data: presets, CLI defaults, table rebuild, the paper's counting."""
+"""The paper harness (experiments.paper): protocol and scales, table rebuild, claim checks, studies."""
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -11,11 +12,15 @@ import numpy as np
 import pytest
 
 from enquant import evalfiles
-from enquant import paper
+from enquant import results as results_lib
 from enquant import run_results
-from enquant import reports
 from enquant import sparsity
 from enquant import train as train_lib
+from experiments.paper import checks
+from experiments.paper import epochs
+from experiments.paper import reports
+from experiments.paper import scales as paper
+from experiments.paper import seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +116,8 @@ def test_cli_defaults_train_table_one_en5_br_row():
 
 
 def _fake_results(cfg, n_acc, a_acc):
-  return {"natural_accuracy": n_acc, "wall_seconds": 600.0, "m_bound": 0.25,
+  return {"schema_version": results_lib.SCHEMA_VERSION, "natural_accuracy": n_acc, "test_examples": 10_000,
+          "model_name": cfg.model.name, "wall_seconds": 600.0, "m_bound": 0.25,
           "robust": {"examples": 1000, "accuracy_worst_case": a_acc - 0.01,
                      "accuracy": {"natural": n_acc, "A1": a_acc, "A2": a_acc - 0.005, "A3": a_acc,
                                   "A2-eot5": a_acc - 0.002, "n": 1000}},
@@ -129,11 +135,14 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps(dict(_fake_results(cfg, 0.99 - 0.01 * i, 0.98),
                                                     workdir=str(d.resolve()))))
+  resumable = runs / "cpu" / paper.run_name(paper.build_config(tbl.rows[2], "cpu"))
+  resumable.mkdir(parents=True)
+  (resumable / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "test_a')  # killed write
   common = [sys.executable, "-m", "experiments.paper", "--table=VIII", "--scale=cpu",
             f"--runs_root={runs}", f"--results_root={out}"]
   listing = subprocess.run(common + ["--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert listing.returncode == 0, listing.stderr[-2000:]
-  assert listing.stdout.count(" done  ") == 2 and "missing  fmnist-En2ResNet20" in listing.stdout
+  assert listing.stdout.count(" done  ") == 2 and f"epoch 1  {resumable.name}" in listing.stdout
   # cpu-scale stand-ins name the net they train and the paper's net they stand for
   assert "(En2ResNet14 float (6) a=1 b=8, 6 epochs on fmnist, for the paper's En2ResNet56)" in listing.stdout
   assert "2 epochs on mnist)" in listing.stdout  # the direct rows train the paper's own net
@@ -160,8 +169,13 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
   assert "first 30,000 training images" in md  # the reduced protocol is stated in the header
   assert "Seeds: training 0 (" in md and "evaluation 1234; one training run per row." in md
   # MNIST BR: paper N 99.22, ours 99.00 -> diff -0.22; float: the committed 98.50 vs 99.21 -> -0.71.
-  assert "| 99.22 | 99.00 | -0.22 |" in md and "| 99.21 | 98.50 | -0.71 |" in md
+  assert "| ours (mnist, En2ResNet20) | 12.50 | 99.00 | 98.00 |" in md
+  assert "| paper (mnist, En2ResNet20) | - | 99.22 |" in md and "| diff | - | -0.22 |" in md
+  assert "| ours (mnist, En2ResNet20) | 12.50 | 98.50 |" in md and "| diff | - | -0.71 |" in md
   assert md.count("pending") >= 5 * (len(tbl.rows) - 2)
+  # Stand-in rows (Fashion-MNIST for CIFAR) show the paper's row beside ours, with no difference.
+  assert md.count("| diff |") == 4 and "| paper (cifar100, En2ResNet56) | 43.94 | 52.24 |" in md
+  assert max(len(line.split("|")) - 2 for line in md.splitlines() if line.startswith("| ")) <= 12
   rows = json.loads((out / "cpu" / "table_VIII.json").read_text())["rows"]
   assert [r["state"] for r in rows].count("done") == 2
   assert rows[0]["columns"]["A2"]["ours"] == pytest.approx(97.5)
@@ -183,7 +197,7 @@ def test_committed_results_count_as_finished_without_their_run_directories(tmp_p
     name = paper.run_name(cfg)
     if name not in names:
       names.append(name)
-      results = _fake_results(cfg, 0.95 - 0.01 * names.index(name), 0.90)
+      results = _fake_results(cfg, 0.95 - 0.01 * names.index(name), 0.80)
       results["history"] = [{"epoch": e, "m_bound": 0.3 - 0.01 * e} for e in (1, 2)]
       results.update(train_seconds=3000.0, eval_seconds=600.0)  # wall_seconds (600) is the last call's
       target = (runs / "cpu" / name / "results.json" if len(names) == 1
@@ -247,31 +261,33 @@ def test_paired_difference_matches_the_closed_form_and_reads_the_interval():
   b, c, n = 10, 4, 100
   mean = (b - c) / n
   se = np.sqrt((b + c - (b - c) ** 2 / n) / (n - 1) / n)  # McNemar's variance of the paired mean
-  got = reports.paired_difference(first, second)
+  got = checks.paired_difference(first, second)
+  assert (got["b"], got["c"], got["n"]) == (b, c, n)
   assert got["diff"] == pytest.approx(100 * mean)
   assert got["low"] == pytest.approx(100 * (mean - 1.959964 * se))
   assert got["high"] == pytest.approx(100 * (mean + 1.959964 * se))
   assert got["verdict"] == "inconclusive" and got["low"] < 0 < got["high"]
-  first[60:80] = True  # 30 vs 4 disagreements: the interval leaves 0
-  assert reports.paired_difference(first, second)["verdict"] == "holds"
-  assert reports.paired_difference(second, first)["verdict"] == "reversed"
+  first[60:80] = True  # 30 vs 4 disagreements: p far below 0.05
+  assert checks.paired_difference(first, second)["verdict"] == "holds"
+  assert checks.paired_difference(second, first)["verdict"] == "reversed"
   with pytest.raises(ValueError, match="same length"):
-    reports.paired_difference(first, second[:50])
+    checks.paired_difference(first, second[:50])
 
 
 def test_reproduction_report_names_what_moved_in_points():
-  committed = {"natural_accuracy": 0.8244, "robust": {"accuracy": {"n": 1000, "natural": 0.83, "A1": 0.76,
-                                                                    "A2": 0.758}}}
-  same = json.loads(json.dumps(committed))
-  assert reports.reproduction_report("r", committed, same).startswith("reproduced: r ")
+  cfg = paper.build_config(_row("I", ensembles=1, quant="br"), "cpu")
+  committed = _fake_results(cfg, 0.8244, 0.76)
+  committed["robust"]["accuracy"] = {"n": 1000, "natural": 0.83, "A1": 0.76, "A2": 0.758}
+  typed = lambda d: results_lib.RunResults.from_dict(json.loads(json.dumps(d)))
+  assert reports.reproduction_report("r", typed(committed), typed(committed)).startswith("reproduced: r ")
   rerun = json.loads(json.dumps(committed))
   rerun["natural_accuracy"], rerun["robust"]["accuracy"]["A1"] = 0.8262, 0.765
-  rerun["robust"]["accuracy"]["n"] = 999  # counts are not accuracies: never reported
-  line = reports.reproduction_report("r", committed, rerun)
+  rerun["robust"]["accuracy"]["n"] = rerun["robust"]["examples"] = 999  # counts are not accuracies
+  line = reports.reproduction_report("r", typed(committed), typed(rerun))
   assert line == ("warning: r differs from its committed results: A1 0.76 -> 0.765 (+0.50), "
                   "N 0.8244 -> 0.8262 (+0.18)")
   del rerun["robust"]["accuracy"]["A2"]  # an attack the rerun lacks is named too
-  assert "A2 0.758 -> None" in reports.reproduction_report("r", committed, rerun)
+  assert "A2 0.758 -> None" in reports.reproduction_report("r", typed(committed), typed(rerun))
 
 
 def test_masks_are_packed_compactly_and_unpacked_exactly():
@@ -288,7 +304,18 @@ def _masked_results(cfg, correct: dict[str, np.ndarray]):
   res = _fake_results(cfg, float(correct["natural"].mean()), float(correct["A1"].mean()))
   res["robust"]["accuracy"] = {**{k: float(v.mean()) for k, v in correct.items()}, "n": n}
   res["robust"]["masks"] = {k: evalfiles.pack_mask(v) for k, v in correct.items()}
+  res["robust"]["examples"] = n
+  res["robust"]["accuracy_worst_case"] = float(np.logical_and.reduce(list(correct.values())).mean())
   return res
+
+
+def _typed(results: dict) -> dict:
+  """Run results by name as the harness reads them (validated)."""
+  return {k: results_lib.RunResults.from_dict(json.loads(json.dumps(v))) for k, v in results.items()}
+
+
+def _evaluation(d: dict) -> results_lib.Evaluation:
+  return results_lib.Evaluation.from_dict(json.loads(json.dumps(d)), "transfer")
 
 
 def test_table_viii_checks_pair_each_quantized_row_with_its_float_row():
@@ -309,49 +336,47 @@ def test_claim_checks_compare_two_runs_on_the_same_images():
   tbl = paper.table("I")
   br1, bc1 = tbl.checks[0].better, tbl.checks[0].worse
   br2 = tbl.checks[1].better
-  results = {name(br1): _masked_results(paper.build_config(br1, "cpu"), better),
-             name(bc1): _masked_results(paper.build_config(bc1, "cpu"), base),
-             name(br2): _fake_results(paper.build_config(br2, "cpu"), 0.8, 0.7)}  # no masks
-  checks = reports.check_rows(tbl, "cpu", results, {})
-  assert [c["state"] for c in checks][0] == "done" and checks[0]["verdict"] == "holds"
-  a2 = checks[0]["columns"]["A2"]
+  results = _typed({name(br1): _masked_results(paper.build_config(br1, "cpu"), better),
+                    name(bc1): _masked_results(paper.build_config(bc1, "cpu"), base),
+                    name(br2): _fake_results(paper.build_config(br2, "cpu"), 0.8, 0.7)})  # no masks
+  got = checks.check_rows(tbl, "cpu", results, {})
+  assert [c["state"] for c in got][0] == "done" and got[0]["verdict"] == "holds"
+  a2 = got[0]["columns"]["A2"]
   assert a2["diff"] == pytest.approx(100 * (better["A2"].mean() - base["A2"].mean()))
-  assert checks[1]["state"] == "pending"  # En2 BC has no run
-  assert checks[2]["state"] == "pending"
-  md = reports.table_markdown(tbl, "cpu", reports.table_rows(tbl, "cpu", results, {}), checks)
-  assert "## Claim check on our runs" in md
-  assert f"| BR beats BC, En1ResNet20 | {checks[0]['columns']['N']['diff']:+.2f} [" in md
+  assert (a2["b"], a2["c"]) == (int(np.sum(better["A2"] & ~base["A2"])), 0)
+  assert got[1]["state"] == "pending"  # En2 BC has no run
+  md = reports.table_markdown(tbl, "cpu", reports.table_rows(tbl, "cpu", results, {}), got)
+  assert "## Claim check on our runs" in md and "exact McNemar" in md
+  assert f"| BR beats BC, En1ResNet20 | {got[0]['columns']['N']['diff']:+.2f} [" in md
   # Table III: the same target under its oracle's (transferred) examples vs white-box
   t3 = paper.table("III")
   check = t3.checks[0]
   target, oracle = name(check.worse), name(check.better.oracle)
   transfer = _masked_results(paper.build_config(check.worse, "cpu"), better)["robust"]
-  results = {target: _masked_results(paper.build_config(check.worse, "cpu"), base),
-             oracle: _fake_results(paper.build_config(check.better.oracle, "cpu"), 0.8, 0.7)}
-  got = reports.check_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
+  raw = {target: _masked_results(paper.build_config(check.worse, "cpu"), base),
+         oracle: _fake_results(paper.build_config(check.better.oracle, "cpu"), 0.8, 0.7)}
+  got = checks.check_rows(t3, "cpu", _typed(raw), {(target, oracle): _evaluation(transfer)})[0]
   assert got["verdict"] == "holds" and set(got["columns"]) == {"A1", "A2", "A3"}
   # The transfer row shows the transfer's worst case and other attacks, not the white-box ones.
-  results[target]["robust"].update(accuracy_worst_case=0.1)
-  results[target]["robust"]["accuracy"]["A2-eot5"] = 0.2
-  transfer.update(accuracy_worst_case=0.6, accuracy={**transfer["accuracy"], "A2-eot5": 0.65})
-  row = reports.table_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
-  assert row["state"] == "done" and row["worst_case"] == pytest.approx(60.0)
+  raw[target]["robust"]["accuracy"]["A2-eot5"] = 0.2
+  transfer["accuracy"]["A2-eot5"] = 0.65
+  row = reports.table_rows(t3, "cpu", _typed(raw), {(target, oracle): _evaluation(transfer)})[0]
+  assert row["state"] == "done" and row["worst_case"] == pytest.approx(100 * transfer["accuracy_worst_case"])
   assert row["extra_attacks"] == {"A2-eot5": pytest.approx(65.0)}
-  del results[target]["robust"]["masks"]
-  got = reports.check_rows(t3, "cpu", results, {(target, oracle): transfer})[0]
+  del raw[target]["robust"]["masks"]
+  got = checks.check_rows(t3, "cpu", _typed(raw), {(target, oracle): _evaluation(transfer)})[0]
   assert got["state"].startswith("no per-image masks")
-  # A transfer kept without masks (its models gone) carries the check computed when they existed.
-  earlier = got_done = dict(reports.check_rows(
-      t3, "cpu", {target: _masked_results(paper.build_config(check.worse, "cpu"), base)},
-      {(target, oracle): transfer})[0])
+  # A transfer kept without masks carries its check's discordant counts; the McNemar test decides it.
+  earlier = checks.check_rows(t3, "cpu", _typed({target: _masked_results(paper.build_config(check.worse, "cpu"),
+                                                                          base)}),
+                              {(target, oracle): _evaluation(transfer)})[0]
   kept = {k: v for k, v in transfer.items() if k != "masks"}
   kept.update(check=earlier, reconstructed_from="an older table")
-  got = reports.check_rows(t3, "cpu", results, {(target, oracle): kept})[0]
-  assert got["columns"] == got_done["columns"] and got["verdict"] == "holds (computed before; an older table)"
-  kept["masks"] = transfer["masks"]  # with masks the check is computed again, never carried
-  results[target] = _masked_results(paper.build_config(check.worse, "cpu"), better)
-  got = reports.check_rows(t3, "cpu", results, {(target, oracle): kept})[0]
-  assert got["verdict"] == "3 inconclusive" and got["columns"]["A1"]["diff"] == 0.0
+  got = checks.check_rows(t3, "cpu", _typed(raw), {(target, oracle): _evaluation(kept)})[0]
+  assert got["columns"] == earlier["columns"] and got["verdict"] == "holds (from an older table)"
+  kept["check"]["columns"]["A1"].update(b=5, c=1)  # 5 vs 1: p = 0.22, not a verdict
+  got = checks.check_rows(t3, "cpu", _typed(raw), {(target, oracle): _evaluation(kept)})[0]
+  assert got["columns"]["A1"]["verdict"] == "inconclusive" and got["verdict"].startswith("2 holds, 1 inconclusive")
 
 
 def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
@@ -364,7 +389,7 @@ def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
     res = _fake_results(paper.build_config(row, "cpu"), 0.9, 0.5)
     res["efficiency"]["sparsity_paper_counting"]["total/in_channel_sparsity"] = value
     results[name(row)] = res
-  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  got = checks.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", _typed(results), {}))
   assert len(got) == len(t7.trends) == 22 + 12
   assert got[0]["paper"] == pytest.approx(11.16 - 2.55) and got[0]["ours"] == pytest.approx(7.5)
   assert got[0]["verdict"] == "holds" and all(t["state"] == "pending" for t in got[1:])
@@ -373,32 +398,32 @@ def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
   assert (t7.trends[twin].larger, t7.trends[twin].smaller) == (trend.larger, trend.smaller)
   for row, d in ((trend.larger, 1.5), (trend.smaller, 2.25)):
     results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/zero_dispersion"] = d
-  rows = reports.table_rows(t7, "cpu", results, {})
+  rows = reports.table_rows(t7, "cpu", _typed(results), {})
   assert rows[0]["columns"]["zero_dispersion"] == {"paper": None, "ours": 1.5, "diff": None}
-  got = reports.trend_rows(t7, "cpu", rows)
+  got = checks.trend_rows(t7, "cpu", rows)
   assert got[twin]["paper"] is None and got[twin]["ours"] == pytest.approx(-0.75)
   assert got[twin]["verdict"] == "reversed"
   md = reports.table_markdown(t7, "cpu", rows, [], got)
   assert f"| {t7.trends[twin].label} | - | -0.75 | reversed |" in md
   # With the channel counts known, a difference within chance (2 sqrt(2/177 + 2/177) = 0.30) is a tie.
   for row in (trend.larger, trend.smaller):
-    results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/in_channels"] = 177
+    results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/dispersion_channels"] = 177
   results[name(trend.smaller)]["efficiency"]["sparsity_paper_counting"]["total/zero_dispersion"] = 1.75
-  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  got = checks.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", _typed(results), {}))
   assert got[twin]["verdict"] == "tie" and got[twin]["chance"] == pytest.approx(0.3007, abs=1e-4)
   results[name(trend.smaller)]["efficiency"]["sparsity_paper_counting"]["total/zero_dispersion"] = 1.1
-  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  got = checks.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", _typed(results), {}))
   assert got[twin]["verdict"] == "holds" and "chance" not in got[0]
-  for row in (trend.larger, trend.smaller):  # the averaged channels, when recorded, replace the 3x3 count
+  for row in (trend.larger, trend.smaller):  # fewer channels averaged: a wider chance band
     results[name(row)]["efficiency"]["sparsity_paper_counting"]["total/dispersion_channels"] = 40
-  got = reports.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", results, {}))
+  got = checks.trend_rows(t7, "cpu", reports.table_rows(t7, "cpu", _typed(results), {}))
   assert got[twin]["verdict"] == "tie" and got[twin]["chance"] == pytest.approx(2 * np.sqrt(4 / 40))
   t4 = paper.table("IV")  # M decreases with n: En1 above En2 (paper 0.2762 - 0.2399); ours reversed
   results = {}
   for row, m in zip(t4.rows[:2], (0.20, 0.25)):
     results[name(row)] = dict(_fake_results(paper.build_config(row, "cpu"), 0.9, 0.5), m_bound=m)
-  rows = reports.table_rows(t4, "cpu", results, {})
-  got = reports.trend_rows(t4, "cpu", rows)
+  rows = reports.table_rows(t4, "cpu", _typed(results), {})
+  got = checks.trend_rows(t4, "cpu", rows)
   assert got[0]["verdict"] == "reversed" and got[0]["ours"] == pytest.approx(-0.05)
   md = reports.table_markdown(t4, "cpu", rows, [], got)
   assert "| M of En1ResNet20 above En2ResNet20 | +0.0363 | -0.0500 | reversed |" in md
@@ -460,12 +485,12 @@ def test_epochs_study_rows_use_the_papers_counting_in_percent():
   counted = results["efficiency"]["sparsity_paper_counting"]
   counted.update({"total/channel_sparsity": 0.25, "total/in_channel_sparsity": 0.125})
   results["efficiency"]["sparsity"]["total/channel_sparsity"] = 0.5  # not the paper's counting: ignored
-  row = reports.study_row(results)
+  row = epochs.study_row(results_lib.RunResults.from_dict(results))
   assert row["epochs"] == 6 and row["channel sparsity"] == 25.0 and row["in-channel sparsity"] == 12.5
   np.testing.assert_allclose([row["N"], row["A1"], row["weight sparsity"], row["train min"]],
                              [84.92, 55.5, 100 * counted["total/weight_sparsity"],
                               results["train_seconds"] / 60])
-  md = reports.study_markdown("r", [row, dict(row, epochs=24, A3=None)])
+  md = epochs.study_markdown("r", [row, dict(row, epochs=24, A3=None)])
   lines = md.splitlines()
   assert lines[-2].startswith("| 6 | 84.92 | 55.50 |") and "| 25.00 | 12.50 |" in lines[-2]
   assert lines[-1].startswith("| 24 |") and "| - |" in lines[-1]
@@ -473,38 +498,43 @@ def test_epochs_study_rows_use_the_papers_counting_in_percent():
 
 
 def test_epochs_study_refuses_bad_flags_in_one_line():
-  base = [sys.executable, "-m", "experiments.epochs_study"]
-  for args, message in ((["--run=fmnist-ResNet8-nope-00000000"], "is no run of the paper's tables"),
-                        (["--run=fmnist-ResNet8-br2b-natural-141eb115", "--epochs=24,0"], "positive integers")):
-    got = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert got.returncode != 0 and message in got.stderr and "Traceback" not in got.stderr, got.stderr[-1000:]
+  from absl import app  # pylint: disable=g-import-not-at-top
+  assert epochs._parse_epochs(["24", " 60"]) == [24, 60]  # pylint: disable=protected-access
+  with pytest.raises(app.UsageError, match="positive integers"):
+    epochs._parse_epochs(["24", "0"])  # pylint: disable=protected-access
+  got = subprocess.run([sys.executable, "-m", "experiments.epochs_study", "--run=fmnist-ResNet8-nope-00000000"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert got.returncode != 0 and "is no run of the paper's tables" in got.stderr, got.stderr[-1000:]
+  assert "Traceback" not in got.stderr
 
 
 def test_across_seeds_is_the_student_t_interval_of_the_mean():
-  got = reports.across_seeds([1.0, 2.0, 3.0])
+  got = checks.across_seeds([1.0, 2.0, 3.0])
   half = 4.302653 * 1.0 / np.sqrt(3)  # t(0.975, df 2), sd 1
   np.testing.assert_allclose([got["mean"], got["sd"], got["low"], got["high"]], [2, 1, 2 - half, 2 + half],
                              rtol=1e-6)
   assert got["verdict"] == "inconclusive" and got["seeds"] == 3
-  assert reports.across_seeds([3.0, 4.0, 5.0])["verdict"] == "holds"
-  assert reports.across_seeds([-3.0, -4.0, -5.0])["verdict"] == "reversed"
+  assert checks.across_seeds([3.0, 4.0, 5.0])["verdict"] == "holds"
+  assert checks.across_seeds([-3.0, -4.0, -5.0])["verdict"] == "reversed"
   with pytest.raises(ValueError, match=">= 2 values"):
-    reports.across_seeds([1.0])
+    checks.across_seeds([1.0])
 
 
 def test_seeds_study_compares_two_runs_per_seed_and_across_seeds():
-  def results(nat, a1, mask):
+  def results(nat, _, mask):
     n = len(mask)
     packed = evalfiles.pack_mask(np.asarray(mask, bool))
-    return {"natural_accuracy": nat, "train_seconds": 120.0,
-            "robust": {"accuracy": {"natural": np.mean(mask), "A1": a1, "n": n},
-                       "masks": {"natural": packed, "A1": packed}}}
-  a = [reports.seed_row(results(0.80, 0.75, [1, 1, 1, 0]), 0), reports.seed_row(results(0.82, 0.70, [1, 1, 0, 0]), 1)]
-  b = [reports.seed_row(results(0.78, 0.74, [1, 0, 0, 0]), 0), reports.seed_row(results(0.81, 0.72, [1, 1, 0, 0]), 1)]
+    return results_lib.RunResults.from_dict({
+        "schema_version": 2, "natural_accuracy": nat, "test_examples": 10_000, "model_name": "m",
+        "config": {"dataset": "fmnist"}, "train_seconds": 120.0,
+        "robust": {"accuracy": {"natural": float(np.mean(mask)), "A1": float(np.mean(mask)), "n": n},
+                   "masks": {"natural": packed, "A1": packed}}})
+  a = [seeds.seed_row(results(0.80, 0.75, [1, 1, 1, 0]), 0), seeds.seed_row(results(0.82, 0.70, [1, 1, 0, 0]), 1)]
+  b = [seeds.seed_row(results(0.78, 0.74, [1, 0, 0, 0]), 0), seeds.seed_row(results(0.81, 0.72, [1, 1, 0, 0]), 1)]
   assert a[0]["train min"] == 2.0 and a[0]["A2"] is None
-  text, summary = reports.seeds_markdown(["a", "b"], {"a": a, "b": b})
+  text, summary = seeds.seeds_markdown(["a", "b"], {"a": a, "b": b})
   np.testing.assert_allclose(summary["difference"]["per_seed"]["N"], [2.0, 1.0])
-  np.testing.assert_allclose(summary["difference"]["per_seed"]["A1"], [1.0, -2.0])
+  np.testing.assert_allclose(summary["difference"]["per_seed"]["A1"], [50.0, 0.0])  # A1 = its mask's mean
   over = summary["difference"]["across_seeds"]
   assert over["N"]["mean"] == pytest.approx(1.5) and over["A2"] is None
   assert summary["spread"]["a"]["N"] == pytest.approx(np.std([80, 82], ddof=1))
@@ -523,10 +553,168 @@ def test_seed_variants_keep_the_evaluation_and_refuse_bad_flags():
   assert paper.run_name(again) != paper.run_name(cfg)
   with pytest.raises(ValueError, match="is no run of the paper's tables"):
     paper.find_run("fmnist-En1ResNet8-nope-00000000", "cpu")
-  base = [sys.executable, "-m", "experiments.seeds_study", "--runs=fmnist-En1ResNet8-br1b-at-4e0638c4"]
-  for args, message in ((["--seeds=1,0"], "distinct positive integers"),
-                        (["--seeds=1", "--runs_root=/nonexistent", "--results_root=/nonexistent"],
-                         "has no results yet")):
-    got = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert got.returncode == 2 and got.stderr.strip().splitlines()[-1].startswith("error: "), got.stderr
-    assert message in got.stderr and "Traceback" not in got.stderr
+  assert seeds.parse_seeds(["1", "3"]) == [1, 3]
+  for bad in (["1", "0"], ["2", "2"], ["x"]):
+    with pytest.raises(ValueError, match="distinct positive integers"):
+      seeds.parse_seeds(bad)
+  got = subprocess.run([sys.executable, "-m", "experiments.seeds_study", "--runs=fmnist-En1ResNet8-br1b-at-4e0638c4",
+                        "--seeds=1", "--runs_root=/nonexistent", "--results_root=/nonexistent"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert got.returncode == 2 and got.stderr.strip().splitlines()[-1].startswith("error: "), got.stderr
+  assert "has no results yet" in got.stderr and "Traceback" not in got.stderr
+
+
+def test_mcnemar_p_is_the_exact_two_sided_binomial_test_on_hand_made_masks():
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  # 1000 images: 36 only the first run gets right, 21 only the second, 643 both.
+  first, second = np.zeros(1000, bool), np.zeros(1000, bool)
+  first[:36] = True
+  second[36:57] = True
+  first[57:700] = second[57:700] = True
+  got = checks.paired_difference(first, second)
+  assert (got["b"], got["c"], got["n"]) == (36, 21, 1000)
+  direct = min(1.0, 2 * sum(math.comb(57, k) for k in range(22)) / 2 ** 57)  # P[X <= 21], X ~ Bin(57, 1/2)
+  assert got["p"] == pytest.approx(direct, rel=1e-12)
+  assert got["p"] == pytest.approx(stats.binomtest(36, 57, 0.5).pvalue, rel=1e-9)
+  assert got["low"] > 0 and got["verdict"] == "inconclusive"  # the normal interval alone would say holds
+  assert checks.paired_difference(second, first)["p"] == got["p"]  # two-sided: symmetric
+  assert checks.mcnemar_p(0, 0) == 1.0 and checks.mcnemar_p(5, 5) == 1.0
+  assert checks.mcnemar_p(6, 0) == pytest.approx(2 / 64)  # both tails of 6 coin flips all alike
+  with pytest.raises(ValueError, match="discordant count b"):
+    checks.mcnemar_p(-1, 3)
+
+
+def _one_line_error(fn, match):
+  with pytest.raises(results_lib.ResultsError, match=match) as e:
+    fn()
+  assert "\n" not in str(e.value)
+  return str(e.value)
+
+
+def test_results_files_refuse_what_cannot_be_true(tmp_path):
+  cfg = paper.build_config(_row("I", ensembles=1, quant="br"), "cpu")
+  rng = np.random.default_rng(0)
+  natural = rng.random(64) < 0.5
+  good = _masked_results(cfg, {"natural": natural, "A1": natural & (rng.random(64) < 0.8),
+                               "A2": rng.random(64) < 0.4, "A3": natural & (rng.random(64) < 0.7)})
+  good["robust"]["robustbench"] = {"attacks": ["A1", "A2", "A3"], "clean_acc": good["robust"]["accuracy"]["natural"],
+                                   "robust_acc": good["robust"]["accuracy_worst_case"], "eps": 0.031}
+  path = tmp_path / "results.json"
+  results_lib.RunResults.from_dict(good).to_json(str(path))
+  loaded = results_lib.RunResults.from_json(str(path))
+  assert loaded.to_dict() == json.loads(json.dumps(good))
+  assert loaded.robust.mask("A2").tolist() == good_mask(good, "A2")
+  def crafted(edit):
+    bad = json.loads(json.dumps(good))
+    edit(bad)
+    path.write_text(json.dumps(bad))
+    return lambda: results_lib.RunResults.from_json(str(path))
+  acc = lambda d: d["robust"]["accuracy"]
+  message = _one_line_error(crafted(lambda d: acc(d).update(A1=7.5)), r"accuracy.A1 must be an accuracy in \[0, 1\]")
+  assert message.startswith(str(path))
+  _one_line_error(crafted(lambda d: acc(d).update(A2=0.999)), "per-image mask gives")
+  _one_line_error(crafted(lambda d: acc(d).update(A3="0.9")), "got '0.9'")
+  _one_line_error(crafted(lambda d: d.update(natural_accuracy=True)), "natural_accuracy")
+  _one_line_error(crafted(lambda d: d["robust"].update(accuracy_worst_case=acc(d)["natural"] + 0.1)),
+                  "exceeds accuracy.natural")
+  # 20 images survive every attack, 10 of them misclassified clean: the worst case is 10 of 64, not 20.
+  clean, survive = np.arange(64) < 40, (np.arange(64) >= 30) & (np.arange(64) < 50)
+  old_count = _masked_results(cfg, {"natural": clean, "A1": survive, "A2": survive, "A3": survive})
+  old_count["robust"]["accuracy_worst_case"] = 20 / 64
+  old_count["robust"]["robustbench"] = dict(good["robust"]["robustbench"], clean_acc=40 / 64, robust_acc=20 / 64)
+  _one_line_error(lambda: results_lib.RunResults.from_dict(old_count, "old.json"), "robust AND clean-correct 0.1562")
+  _one_line_error(crafted(lambda d: d["robust"]["robustbench"].update(robust_acc=1.0)), "exceeds its clean_acc")
+  _one_line_error(crafted(lambda d: d.update(schema_version=1)), "convert_results.py")
+  path.write_text('{"natural_accuracy": 0.9')
+  _one_line_error(lambda: results_lib.RunResults.from_json(str(path)), "not a readable JSON")
+
+
+def good_mask(results, name):
+  return evalfiles.unpack_mask(results["robust"]["masks"][name], results["robust"]["examples"]).tolist()
+
+
+def test_every_committed_results_file_loads_as_typed_results():
+  import glob  # pylint: disable=g-import-not-at-top
+  runs = [p for kind in ("runs", "seeds_runs", "epochs_runs", "reruns")
+          for p in glob.glob(os.path.join(ROOT, "results", "*", kind, "*.json"))]
+  assert len(runs) >= 89
+  for path in runs:
+    res = results_lib.RunResults.from_json(path)
+    if res.robust is not None and res.robust.worst_case is not None and res.robust.masks:
+      both = np.logical_and.reduce([res.robust.mask(k) for k in ("natural",) + res.robust.worst_case_attacks])
+      assert res.robust.worst_case == pytest.approx(both.mean())  # robust AND clean-correct
+  for path in glob.glob(os.path.join(ROOT, "results", "*", "transfers", "*.json")):
+    results_lib.read_evaluation(path)
+
+
+def test_crafted_results_are_refused_and_nothing_is_copied(tmp_path):
+  runs, out = tmp_path / "runs", tmp_path / "results"
+  crafted_cfg = paper.build_config(paper.table("VIII").rows[0], "cpu")
+  crafted = runs / "cpu" / paper.run_name(crafted_cfg)
+  crafted.mkdir(parents=True)
+  bad = _fake_results(crafted_cfg, 0.5, 0.4)
+  bad["robust"]["accuracy"]["A1"] = 7.5
+  (crafted / "results.json").write_text(json.dumps(bad))
+  common = [sys.executable, "-m", "experiments.paper", "--table=VIII", "--scale=cpu",
+            f"--runs_root={runs}", f"--results_root={out}"]
+  rebuild = subprocess.run(common + ["--tables_only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert rebuild.returncode == 2 and "Traceback" not in rebuild.stderr
+  assert rebuild.stderr.strip().splitlines()[-1] == (
+      f"error: {crafted / 'results.json'}: accuracy.A1 must be an accuracy in [0, 1], got 7.5")
+  assert not (out / "cpu" / "runs" / (crafted.name + ".json")).exists()  # nothing copied
+  assert not (out / "cpu" / "table_VIII.md").exists()
+
+
+def test_two_queues_share_a_table_run_by_run(tmp_path, monkeypatch):
+  from enquant import files, pipeline  # pylint: disable=g-import-not-at-top
+  from experiments.paper import committing  # pylint: disable=g-import-not-at-top
+  store = committing.Store(str(tmp_path / "runs"), str(tmp_path / "results"), "cpu")
+  trained = []
+  def fake_train(cfg, workdir, **_):
+    trained.append(os.path.basename(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    files.write_json_atomic(os.path.join(workdir, "results.json"), _fake_results(cfg, 0.9, 0.8))
+  monkeypatch.setattr(pipeline, "train_and_evaluate", fake_train)
+  rows = paper.table("VIII").rows
+  (a, cfg_a), (b, cfg_b) = ((paper.run_name(c), c) for c in (paper.build_config(r, "cpu") for r in rows[:2]))
+  logged = []
+  kw = dict(progress=False, command="python -m experiments.paper --table=VIII", log=logged.append, announce="go")
+  os.makedirs(store.runs_dir)
+  with files.hold_lock(store.workdir(a) + ".lock", "the other queue"):  # another queue trains run a
+    store.train(a, cfg_a, **kw)
+    store.train(b, cfg_b, **kw)
+  assert trained == [b] and any(line.startswith(f"skip {a}: run {a} is in use by pid ") for line in logged)
+  store.train(b, cfg_b, **kw)  # finished meanwhile: skipped, not trained twice
+  assert trained == [b] and logged[-1] == f"skip {b}: done (finished by another process)"
+  log = files.read_jsonl(os.path.join(store.out_dir, "runs.jsonl"))
+  assert [(r["run"], r["command"]) for r in log] == [(b, kw["command"])]
+  assert set(log[0]) == {"run", "command", "hardware", "start", "wall_seconds"}
+
+
+def test_models_are_kept_beside_committed_results_and_float_models_load(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from enquant import export  # pylint: disable=g-import-not-at-top
+  from enquant.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  from enquant.models import EnResNet, ModelConfig  # pylint: disable=g-import-not-at-top
+  from experiments.paper import committing  # pylint: disable=g-import-not-at-top
+  store = committing.Store(str(tmp_path / "runs"), str(tmp_path / "results"), "cpu")
+  rows = paper.table("VIII").rows  # BR and float MNIST rows
+  for row, model_file in ((rows[0], "model_packed.npz"), (rows[1], "model_float32.npz")):
+    cfg = paper.build_config(row, "cpu")
+    workdir = store.workdir(paper.run_name(cfg))
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(_fake_results(cfg, 0.9, 0.8), f)
+    with open(os.path.join(workdir, model_file), "wb") as f:
+      f.write(model_file.encode())
+    assert store.results(paper.run_name(cfg)) is not None
+    with open(store.model(paper.run_name(cfg)), "rb") as f:
+      assert f.read() == model_file.encode()
+  cfg = ExperimentConfig(model=ModelConfig(depth=8, ensembles=1, noise_coef=0.1, num_classes=10))
+  model = EnResNet(cfg.model)
+  x = np.random.default_rng(0).random((2, 28, 28, 1), np.float32)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  run_results.save_float_model(str(tmp_path / "float.npz"), cfg, variables, (28, 28, 1))
+  loaded, loaded_vars = export.load_model(str(tmp_path / "float.npz"))
+  key = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(loaded.apply_eval(loaded_vars, x, key), model.apply_eval(variables, x, key))

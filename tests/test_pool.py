@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from experiments import pool
+from experiments.paper import pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPUS = sorted(os.sched_getaffinity(0))

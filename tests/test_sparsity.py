@@ -73,7 +73,7 @@ def test_zero_dispersion_is_one_for_independent_zeros_and_k_for_whole_zero_chann
 
 def test_dispersion_chance_matches_simulated_independent_zeros():
   # Two layers, 24 + 40 = 64 input channels pooled; zeros independent at each layer's own rate.
-  from enquant import reports  # pylint: disable=import-outside-toplevel
+  from experiments.paper import checks as reports  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(1)
   def draw():
     return {"a": {"kernel": np.where(rng.random((1, 3, 3, 24, 16)) < 0.3, 0.0, 1.0)},

@@ -1,35 +1,32 @@
 """The paper's experiments as configs: its protocol, its scales, and the run of every table row at a scale.
 
-Li, Wang, Xin, "An Integrated Approach to Produce Robust Models with High Efficiency". Each table (I-VIII) is a
-:class:`Table` of :class:`Row` s (:mod:`enquant.paper_tables`, re-exported here); a row names a
-configuration (dataset, net, quantization, loss) and the numbers the paper reports for it.
-:func:`build_config` turns a row into an :class:`ExperimentConfig` at a scale:
+Each table (I-VIII) is a :class:`~experiments.paper.tables.Table` of rows; :func:`build_config` turns a row
+into an :class:`~enquant.config.ExperimentConfig` at a scale:
 
 * ``"paper"``: exactly the paper's protocol (:func:`protocol`): 200 epochs, SGD 0.1 x0.1 at 80/120/160, PGD-10
   training attack, A1-A3 at eps 0.031 on the whole test set. A GPU/TPU job.
 * ``"cpu"``: a reduced protocol for a 2-core CPU (every run <= ~60 minutes), stated in every table header
-  (:data:`CPU_NOTES`). CIFAR-10/100 and SVHN cannot be obtained on that machine: their rows run the same
-  comparison on Fashion-MNIST (a claim check, not a number match); Table VIII's MNIST/Fashion-MNIST rows
-  keep their dataset and network (the only direct comparison with the paper's numbers).
+  (:data:`CPU_NOTES`). Its CIFAR-10/100 and SVHN rows run the same comparison on Fashion-MNIST (a claim
+  check, not a number match); Table VIII's MNIST/Fashion-MNIST rows keep their dataset and network (the
+  direct comparisons with the paper's numbers).
 * ``"gpu<E>"`` (e.g. ``"gpu5"``): the paper's protocol (data, network, PGD-10 training attack, schedule as
-  fractions of training, full test set) cut to E epochs, for an accelerator lent for minutes
-  (:func:`gpu_note`). Binary-Relax's lambda reaches the paper's value at its switch, as at ``cpu`` scale.
+  fractions of training, full test set) cut to E epochs (:func:`gpu_note`). Binary-Relax's lambda reaches
+  the paper's value at its switch, as at ``cpu`` scale.
 
 Rows that resolve to the same configuration share one run directory (named by :func:`run_name`), so a run
-serves every table that needs it. ``experiments.paper`` trains, evaluates and tabulates.
+serves every table that needs it. ``python -m experiments.paper`` trains, evaluates and tabulates.
 """
 
 import dataclasses
 import hashlib
 import json
 import math
-from typing import Any
 
 from enquant import data as data_lib
 from enquant.config import EvalConfig, ExperimentConfig, QuantConfig, TrainConfig
 from enquant.losses import LossConfig
 from enquant.models.ensemble import ModelConfig
-from enquant.paper_tables import TABLES, Check, Row, Table, Trend, table
+from experiments.paper.tables import TABLES, Check, Row, Table, Trend, table
 
 SCALES = ("paper", "cpu", "gpu<E>")
 PAPER_EPS = 0.031
@@ -37,12 +34,12 @@ PAPER_EPS = 0.031
 BR_GROWTH, BR_RELAX_EPOCHS, PAPER_EPOCHS = 1.05, 80, 200
 
 
-# The tables' runs draw EnResNet's noise with the library's hash generator (enquant.models.noise: the same
-# N(0, 1), ~1.25x faster CPU training); Table VIII's two MNIST rows keep threefry (Row.noise_rng), which
-# they were trained with before the hash existed, so their run directories keep their names.
+# The tables' runs draw EnResNet's noise with the hash generator (enquant.models.noise: the same N(0, 1),
+# ~1.25x faster CPU training); a row may name another (Row.noise_rng: Table VIII's MNIST rows use threefry).
 PAPER_NOISE_RNG = "hash"
 
 
+# replaced by enquant.config.preset at merge
 def protocol(dataset: str) -> ExperimentConfig:
   """The paper's protocol for ``dataset`` (what ``python -m experiments.<dataset>`` trains by default).
 
@@ -238,28 +235,6 @@ def with_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
   return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
 
 
-def measured(results: dict[str, Any], column: str, transfer: dict[str, Any] | None = None) -> float | None:
-  """The number of ``column`` (percent, or M) from a run's ``results.json`` (or its transfer evaluation)."""
-  if column == "M":
-    return results.get("m_bound")
-  if column == "weight_sparsity":
-    value = results.get("efficiency", {}).get("sparsity", {}).get("total/weight_sparsity")
-    return None if value is None else 100 * value
-  if column == "channel_sparsity":
-    paper = results.get("efficiency", {}).get("sparsity_paper_counting", {})
-    value = paper.get("total/in_channel_sparsity")
-    return None if value is None else 100 * value
-  if column == "zero_dispersion":  # a ratio (1: unstructured zeros), over the paper's 3x3 kernels
-    return results.get("efficiency", {}).get("sparsity_paper_counting", {}).get("total/zero_dispersion")
-  source = transfer if transfer is not None else results.get("robust", {})
-  acc = source.get("accuracy", {}) if source else {}
-  if column == "N":
-    value = results.get("natural_accuracy") if transfer is None else acc.get("natural")
-  else:
-    value = acc.get(column)
-  return None if value is None else 100 * value
-
-
 __all__ = ["CPU_NOTES", "Check", "Row", "SCALES", "TABLES", "Table", "Trend", "build_config", "cpu_kind", "find_run",
-           "gpu_epochs", "gpu_note", "kernel_layer", "measured", "protocol", "run_name", "runs_of", "table",
+           "gpu_epochs", "gpu_note", "kernel_layer", "protocol", "run_name", "runs_of", "table",
            "with_epochs", "with_seed"]

@@ -3,8 +3,8 @@
 Li, Wang, Xin, "An Integrated Approach to Produce Robust Models with High Efficiency". Each table is a
 :class:`Table` of :class:`Row` s; a row names a configuration (dataset, net, quantization, loss) and the
 numbers the paper reports for it; :class:`Check` s (paired comparisons) and :class:`Trend` s (one number of
-two rows) are the claims our runs test. Nothing here knows about scales or configs: :mod:`enquant.paper`
-turns a row into an :class:`~enquant.config.ExperimentConfig`.
+two rows) are the claims our runs test. Nothing here knows about scales or configs:
+:mod:`experiments.paper.scales` turns a row into an :class:`~enquant.config.ExperimentConfig`.
 """
 
 import dataclasses
@@ -27,7 +27,7 @@ class Row:
     stages: explicit blocks per stage.
     oracle: for transfer rows (Table III), the oracle row; accuracy of this row's model on its examples.
     paper: the paper's numbers, keyed by column (percentages, or M for Table IV).
-    noise_rng: generator of the noise's normals (None: the protocol's :data:`PAPER_NOISE_RNG`).
+    noise_rng: generator of the noise's normals (None: the protocol's, ``scales.PAPER_NOISE_RNG``).
   """
 
   dataset: str

@@ -1,6 +1,6 @@
 """Run commands side by side, each process pinned to its own share of the CPUs.
 
-Why: on this 2-core machine one process per core trains more images per second in all than one process on
+On a 2-core CPU one process per core trains more images per second in all than one process on
 both cores: 1.20x for the PGD-3 adversarial train step of the cpu-scale En1ResNet8 and 1.35x x 2 / 2 = 1.5x
 for attack input gradients (BUILD_NOTES.md, "One process per core"). XLA:CPU's intra-op parallelism of these
 small convolutions scales poorly, and compiles are single-threaded. ``experiments.paper --workers=N`` uses
