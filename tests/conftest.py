@@ -1,4 +1,4 @@
-"""Test-session setup: fast XLA:CPU flags, 2 fake host devices (data-parallel tests), compile cache."""
+"""Test setup: fast XLA:CPU flags, 2 fake host devices (data-parallel tests), compile cache."""
 
 import os
 import pathlib

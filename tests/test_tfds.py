@@ -114,7 +114,7 @@ def test_tfds_labels_that_are_not_integers_are_refused_naming_the_folder(
 
 
 def test_the_pipeline_trains_on_tfds_data(tfds_dir, no_tensorflow, tmp_path):
-  # tests/test_faults.py's configuration (its compilations are in the session cache), TFDS data.
+  # tests/test_faults.py's configuration (its compilations are in the shared cache), TFDS data.
   cfg = config_lib.ExperimentConfig(
       dataset="mnist", data_source="tfds", data_dir=str(tfds_dir), max_train=N_TRAIN, max_test=N_TEST,
       model=ModelConfig(num_classes=10, depth=8, widths=(4, 4, 4), noise_coef=0.1, ensembles=2),
