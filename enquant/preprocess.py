@@ -16,7 +16,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from enquant import datafiles
+from enquant import datachecks
 
 
 # x / 255 correctly rounded to float32 for every uint8 x. XLA rewrites a division by a constant into a
@@ -165,5 +165,5 @@ def class_counts(labels, num_classes: int) -> np.ndarray:
   labels = np.asarray(labels).reshape(-1)
   if labels.size and not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-  datafiles.check_labels(labels, 0, num_classes - 1, "class_counts")
+  datachecks.check_labels(labels, 0, num_classes - 1, "class_counts")
   return np.bincount(labels.astype(np.int64), minlength=num_classes).astype(np.int64)
