@@ -3,7 +3,8 @@
 :func:`load_local` finds a dataset's files under a data directory (the layouts are listed in
 :mod:`enquant.data`'s docstring), parses them with numpy and checks shapes and labels; every problem is a
 one-line ``ValueError`` naming the file, and a missing or incomplete copy a :class:`LocalFilesMissing` that
-lists what was expected and where it was looked for.
+lists what was expected and where it was looked for. The checks and the error live in
+:mod:`enquant.datachecks` and are re-exported here.
 
 The python versions of CIFAR are pickles, read with :func:`enquant.safepickle.loads` (which executes no
 code: a malicious file raises instead of running anything).
@@ -22,92 +23,16 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from enquant import safepickle
-
-ENV_DATA_DIR = "ENQUANT_DATA_DIR"
+from enquant.datachecks import check_labels
+from enquant.datachecks import check_split
+from enquant.datachecks import ENV_DATA_DIR
+from enquant.datachecks import integer_labels
+from enquant.datachecks import LocalFilesMissing
+from enquant.datachecks import missing_error
 
 
 # ----------------------------------------------------------------------------------------------------
-# Errors and checks.
-
-
-class LocalFilesMissing(FileNotFoundError):
-  """No complete set of local files: ``source="auto"`` may fall back to TFDS."""
-
-
-def _missing_error(info, roots: list[pathlib.Path], expected: list[str],
-                   incomplete: list[str]) -> LocalFilesMissing:
-  lines = [f"no local copy of {info.name!r} found.",
-           "  Looked in: " + ", ".join(str(r) for r in roots),
-           "  Expected one of:"]
-  lines += [f"    {e}" for e in expected]
-  if incomplete:
-    lines.append("  Incomplete copies:")
-    lines += [f"    {i}" for i in incomplete]
-  lines.append(f"  Pass --data_dir=DIR (Python: data_dir=DIR) or set ${ENV_DATA_DIR}, or use "
-               "--data_source=tfds" + (" or --data_source=embedded (the bundled 5000/1000 MNIST sample)."
-                                        if info.name == "mnist" else "."))
-  return LocalFilesMissing("\n".join(lines))
-
-
-_LARGEST_LABEL = 2 ** 53  # beyond it, float labels are no longer exact integers
-
-
-def integer_labels(labels, what: str) -> np.ndarray:
-  """``labels`` as int64, refusing anything that is not a whole number.
-
-  Integer arrays pass as they are, float arrays only when every value is finite and integral (MATLAB
-  files store labels as doubles); fractions, NaN, infinities, strings, booleans and objects raise.
-
-  Args:
-    labels: an array (or list) of labels.
-    what: the file (or source) the labels came from, named in the error.
-
-  Returns:
-    An int64 array of ``labels``' shape.
-
-  Raises:
-    ValueError: naming ``what`` and the first offending label.
-  """
-  try:
-    labels = np.asarray(labels)
-  except (TypeError, ValueError, OverflowError) as e:  # ragged or unconvertible values
-    raise ValueError(f"{what}: labels are not a list of integers ({e})") from None
-  kind = labels.dtype.kind
-  if kind not in "iuf" and labels.size:
-    raise ValueError(f"{what}: labels must be integers, got {labels.dtype} values such as "
-                     f"{labels.reshape(-1)[:1].tolist()[0]!r}")
-  if kind == "f":
-    bad = labels[~np.isfinite(labels) | (labels != np.round(labels))]
-    if bad.size:
-      raise ValueError(f"{what}: label {float(bad.flat[0])!r} is not an integer "
-                       f"({bad.size} non-integer labels)")
-  if kind in "uf":  # values beyond int64 would wrap around when cast
-    huge = labels[np.abs(labels) > _LARGEST_LABEL]
-    if huge.size:
-      raise ValueError(f"{what}: label {huge.flat[0].item()!r} is not a class index")
-  return labels.astype(np.int64) if labels.size else np.zeros(labels.shape, np.int64)
-
-
-def check_labels(labels: np.ndarray, low: int, high: int, what: str) -> None:
-  """Raises ValueError naming `what` unless every label is an integer in ``[low, high]``.
-
-  Non-integer labels (see :func:`integer_labels`) are refused before the range is checked.
-  """
-  labels = integer_labels(labels, what)
-  if labels.size:
-    bad = labels[(labels < low) | (labels > high)]
-    if bad.size:
-      raise ValueError(f"{what}: label {int(bad[0])} is outside [{low}, {high}] "
-                       f"({bad.size} bad labels)")
-
-
-def check_split(images: np.ndarray, labels: np.ndarray, info, what: str) -> None:
-  if images.shape[1:] != info.image_shape:
-    raise ValueError(f"{what}: images have shape {images.shape[1:]}, expected {info.image_shape} "
-                     f"for {info.name}")
-  if images.shape[0] != labels.shape[0]:
-    raise ValueError(f"{what}: {images.shape[0]} images but {labels.shape[0]} labels")
-  check_labels(labels, 0, info.num_classes - 1, what)
+# Where a dataset's files are looked for.
 
 
 def _roots(info, data_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -224,7 +149,7 @@ def _load_idx(info, data_dir: pathlib.Path):
   if found is None:
     expected = [", ".join(names[0] for names in _IDX_FILES.values())
                 + " (gzip-compressed or not)"]
-    raise _missing_error(info, roots, expected, incomplete)
+    raise missing_error(info, roots, expected, incomplete)
   arrays = {}
   for role, path in found.items():
     magic = _IDX_IMAGES_MAGIC if role.endswith("images") else _IDX_LABELS_MAGIC
@@ -355,7 +280,7 @@ def _load_cifar(info, data_dir: pathlib.Path):
     for lay in layouts:
       expected.append(f"{lay.folder}/{{{', '.join(lay.train + lay.test)}}}")
     expected += [lay.archive for lay in layouts]
-    raise _missing_error(info, roots, expected, incomplete)
+    raise missing_error(info, roots, expected, incomplete)
   if is_archive:
     members = _read_tar_members(location, [f"{layout.folder}/{n}" for n in layout.train + layout.test])
     read = lambda n: members[f"{layout.folder}/{n}"]
@@ -418,7 +343,7 @@ def _load_svhn(info, data_dir: pathlib.Path):
       return (*splits, str(root))
     if any(present):
       incomplete.append(f"{root} lacks {_SVHN_FILES[present.index(False)]}")
-  raise _missing_error(info, roots, [", ".join(_SVHN_FILES)], incomplete)
+  raise missing_error(info, roots, [", ".join(_SVHN_FILES)], incomplete)
 
 
 _LOCAL_LOADERS: dict[str, Callable] = {

@@ -94,6 +94,20 @@ def _positions(sub: Indices, within: Indices) -> Indices:
   return tuple(where[c] for c in sub)
 
 
+def _shortcut_channels(p) -> tuple[Indices, Indices]:
+  """(outputs, inputs) of a block's 1x1 projection shortcut that its kernel ``p["shortcut"]`` uses."""
+  ks = np.asarray(p["shortcut"]["kernel"])
+  sc_out = _nonzero(_outputs(ks))
+  sc_in = _nonzero(_inputs(ks[..., list(sc_out)])) if sc_out else ()
+  return sc_out, sc_in
+
+
+def _bn_slices(params, stats, channels: Indices) -> tuple[dict, dict]:
+  """A BatchNorm's ``(params, batch_stats)`` restricted to ``channels``."""
+  return ({k: np.asarray(params[k])[list(channels)] for k in ("scale", "bias")},
+          {k: np.asarray(stats[k])[list(channels)] for k in ("mean", "var")})
+
+
 def _prune_block(p, s, features, strides, projection, noise_coef):
   """Plans and slices one block; returns (PrunedBlock fields, params, batch_stats, counts)."""
   k1, k2 = np.asarray(p["conv1"]["kernel"]), np.asarray(p["conv2"]["kernel"])
@@ -114,21 +128,15 @@ def _prune_block(p, s, features, strides, projection, noise_coef):
   k1_kept = k1[..., list(mid)]
   conv1_in = _nonzero(_inputs(k1_kept)) if mid else ()
 
-  sc_out, sc_in = (), ()
-  if projection:
-    ks = np.asarray(p["shortcut"]["kernel"])
-    sc_out = _nonzero(_outputs(ks))
-    sc_in = _nonzero(_inputs(ks[..., list(sc_out)])) if sc_out else ()
+  sc_out, sc_in = _shortcut_channels(p) if projection else ((), ())
   bn1 = tuple(sorted(set(conv1_in) | set(sc_in)))
 
   params, stats = {}, {}
   if bn1:
-    params["bn1"] = {k: np.asarray(p["bn1"][k])[list(bn1)] for k in ("scale", "bias")}
-    stats["bn1"] = {k: np.asarray(s["bn1"][k])[list(bn1)] for k in ("mean", "var")}
+    params["bn1"], stats["bn1"] = _bn_slices(p["bn1"], s["bn1"], bn1)
   if mid:
     params["conv1"] = {"kernel": k1_kept[:, :, list(conv1_in), :]}
-    params["bn2"] = {k: np.asarray(p["bn2"][k])[list(mid)] for k in ("scale", "bias")}
-    stats["bn2"] = {k: np.asarray(s["bn2"][k])[list(mid)] for k in ("mean", "var")}
+    params["bn2"], stats["bn2"] = _bn_slices(p["bn2"], s["bn2"], mid)
     params["conv2"] = {"kernel": k2_kept[..., list(conv2_outputs)]}
   folded = bool(fold.any() and conv2_outputs)
   if folded:
@@ -349,6 +357,29 @@ def _to_float(batch: np.ndarray) -> np.ndarray:
   return batch.astype(np.float32)
 
 
+def _compare_predictions(unpruned_fn, variables, pruned: PrunedEnsemble, images: np.ndarray,
+                         labels: np.ndarray, key: jax.Array, batch_size: int) -> tuple[int, int, int, float]:
+  """Both models on the same batches and noise keys (batch ``b``: ``fold_in(key, b)``).
+
+  Returns:
+    ``(correct_before, correct_after, agreeing_predictions, max_abs_logit_diff)`` over all examples.
+  """
+  correct_before = correct_after = agree = 0
+  max_diff = 0.0
+  for b, start in enumerate(range(0, images.shape[0], batch_size)):
+    x = jnp.asarray(_to_float(images[start:start + batch_size]))
+    y = labels[start:start + batch_size]
+    batch_key = jax.random.fold_in(key, b)
+    before = np.asarray(unpruned_fn(variables, x, batch_key))
+    after = np.asarray(pruned.apply(x, batch_key))
+    max_diff = max(max_diff, float(np.max(np.abs(before - after))))
+    pred_before, pred_after = before.argmax(-1), after.argmax(-1)
+    correct_before += int((pred_before == y).sum())
+    correct_after += int((pred_after == y).sum())
+    agree += int((pred_before == pred_after).sum())
+  return correct_before, correct_after, agree, max_diff
+
+
 def pruning_report(model_config: ModelConfig, variables, images, labels, key: jax.Array,
                    batch_size: int = 256, pruned: PrunedEnsemble | None = None) -> dict[str, float]:
   """Size, cost and accuracy of the model before and after :func:`prune`, measured on the same data.
@@ -383,21 +414,8 @@ def pruning_report(model_config: ModelConfig, variables, images, labels, key: ja
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
   if pruned is None:
     pruned = prune(model_config, variables, images.shape)
-  unpruned_fn = unpruned_logits_fn(model_config)
-
-  correct_before = correct_after = agree = 0
-  max_diff = 0.0
-  for b, start in enumerate(range(0, images.shape[0], batch_size)):
-    x = jnp.asarray(_to_float(images[start:start + batch_size]))
-    y = labels[start:start + batch_size]
-    batch_key = jax.random.fold_in(key, b)
-    before = np.asarray(unpruned_fn(variables, x, batch_key))
-    after = np.asarray(pruned.apply(x, batch_key))
-    max_diff = max(max_diff, float(np.max(np.abs(before - after))))
-    pred_before, pred_after = before.argmax(-1), after.argmax(-1)
-    correct_before += int((pred_before == y).sum())
-    correct_after += int((pred_after == y).sum())
-    agree += int((pred_before == pred_after).sum())
+  correct_before, correct_after, agree, max_diff = _compare_predictions(
+      unpruned_logits_fn(model_config), variables, pruned, images, labels, key, batch_size)
 
   n = images.shape[0]
   params_before = count_params(variables["params"])

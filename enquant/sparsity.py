@@ -83,6 +83,33 @@ def conv_kernels(params, mask: MaskOrFn | None = None) -> dict[str, np.ndarray]:
   return selected
 
 
+# total/<key> of weight_report -> the per-layer entry it sums.
+_TOTALS = (("zero_weights", "zeros"), ("conv_weights", "size"), ("zero_channels", "zero_channels"),
+           ("channels", "channels"), ("zero_in_channels", "zero_in_channels"), ("in_channels", "in_channels"))
+
+
+def _layer_stats(w: np.ndarray, is_zero: np.ndarray, layer_chi2: float, layer_channels: int
+                 ) -> dict[str, float]:
+  """The per-layer entries of :func:`weight_report` for one stacked kernel ``(members, H, W, I, O)``."""
+  zeros, size = int(is_zero.sum()), int(w.size)
+  zero_out = int(is_zero.all(axis=(1, 2, 3)).sum())  # (members, O)
+  zero_in = int(is_zero.all(axis=(1, 2, 4)).sum())  # (members, I)
+  channels, in_channels = w.shape[0] * w.shape[-1], w.shape[0] * w.shape[-2]
+  return {
+      "zeros": zeros,
+      "size": size,
+      "weight_sparsity": zeros / size if size else 0.0,
+      "channels": channels,
+      "zero_channels": zero_out,
+      "channel_sparsity": zero_out / channels if channels else 0.0,
+      "in_channels": in_channels,
+      "zero_in_channels": zero_in,
+      "in_channel_sparsity": zero_in / in_channels if in_channels else 0.0,
+      "mean_abs": float(np.abs(w.astype(np.float64)).mean(axis=(1, 2, 3, 4)).max()) if size else 0.0,
+      "zero_dispersion": layer_chi2 / layer_channels if layer_channels else 0.0,
+  }
+
+
 def weight_report(params, mask: MaskOrFn | None = None) -> dict[str, float]:
   """Per-layer and total weight / channel sparsity of the conv kernels.
 
@@ -115,31 +142,11 @@ def weight_report(params, mask: MaskOrFn | None = None) -> dict[str, float]:
     is_zero = w == 0
     layer_chi2, layer_channels = _zero_chi2(is_zero)
     chi2, dispersed_channels = chi2 + layer_chi2, dispersed_channels + layer_channels
-    zeros, size = int(is_zero.sum()), int(w.size)
-    zero_out = int(is_zero.all(axis=(1, 2, 3)).sum())  # (members, O)
-    zero_in = int(is_zero.all(axis=(1, 2, 4)).sum())  # (members, I)
-    channels, in_channels = w.shape[0] * w.shape[-1], w.shape[0] * w.shape[-2]
-    mean_abs = float(np.abs(w.astype(np.float64)).mean(axis=(1, 2, 3, 4)).max()) if size else 0.0
-    report.update({
-        f"{name}/zeros": zeros,
-        f"{name}/size": size,
-        f"{name}/weight_sparsity": zeros / size if size else 0.0,
-        f"{name}/channels": channels,
-        f"{name}/zero_channels": zero_out,
-        f"{name}/channel_sparsity": zero_out / channels if channels else 0.0,
-        f"{name}/in_channels": in_channels,
-        f"{name}/zero_in_channels": zero_in,
-        f"{name}/in_channel_sparsity": zero_in / in_channels if in_channels else 0.0,
-        f"{name}/mean_abs": mean_abs,
-        f"{name}/zero_dispersion": layer_chi2 / layer_channels if layer_channels else 0.0,
-    })
-    totals["zero_weights"] += zeros
-    totals["conv_weights"] += size
-    totals["zero_channels"] += zero_out
-    totals["channels"] += channels
-    totals["zero_in_channels"] += zero_in
-    totals["in_channels"] += in_channels
-    bound = max(bound, mean_abs)
+    layer = _layer_stats(w, is_zero, layer_chi2, layer_channels)
+    report.update({f"{name}/{k}": v for k, v in layer.items()})
+    for total, key in _TOTALS:
+      totals[total] += layer[key]
+    bound = max(bound, layer["mean_abs"])
 
   def ratio(a, b):
     return totals[a] / totals[b] if totals[b] else 0.0

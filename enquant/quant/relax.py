@@ -161,6 +161,25 @@ def _check_int(name: str, value, minimum: int):
   return int(value)
 
 
+def _lam_at(count: jax.Array, lambda0, growth, growth_every: int) -> jax.Array:
+  """``lambda0 * growth ** (count // growth_every)`` in float32, capped at the float32 maximum."""
+  exponent = (count // growth_every).astype(jnp.float32)
+  lam = jnp.asarray(lambda0, jnp.float32) * jnp.power(jnp.asarray(growth, jnp.float32), exponent)
+  return jnp.minimum(lam, _LAM_MAX)  # finite even after very many growth events
+
+
+def _relaxed_leaf(projection: Projection, w_leaf: jax.Array, lam: jax.Array, relaxing: jax.Array
+                  ) -> jax.Array:
+  """``u`` of one quantized leaf: ``(lam P(w) + w) / (lam + 1)`` while ``relaxing``, else ``P(w)``.
+
+  The relaxed value is computed as ``P + (w - P) / (lam + 1)``: the same value, finite for a huge
+  ``lam`` (where it tends to exactly ``P(w)``).
+  """
+  p = projection(w_leaf)
+  relaxed = p + (w_leaf - p) / (lam + 1.0)  # = (lam P(w) + w) / (lam + 1)
+  return jnp.where(relaxing, relaxed.astype(w_leaf.dtype), p.astype(w_leaf.dtype))
+
+
 def binary_relax(
     inner: optax.GradientTransformation,
     projection: Projection,
@@ -223,16 +242,11 @@ def binary_relax(
   if mask is not None and not callable(mask):
     jax.tree.map(_static_bool, mask)  # its structure is checked against params at update time
 
-  def lam_at(count: jax.Array) -> jax.Array:
-    exponent = (count // growth_every).astype(jnp.float32)
-    lam = jnp.asarray(lambda0, jnp.float32) * jnp.power(jnp.asarray(growth, jnp.float32), exponent)
-    return jnp.minimum(lam, _LAM_MAX)  # finite even after very many growth events
-
   def init_fn(params: optax.Params) -> BinaryRelaxState:
     # Own copies, so the state never aliases the caller's params buffers (buffer donation).
     return BinaryRelaxState(
         count=jnp.zeros([], jnp.int32),
-        lam=lam_at(jnp.zeros([], jnp.int32)),
+        lam=_lam_at(jnp.zeros([], jnp.int32), lambda0, growth, growth_every),
         w=jax.tree.map(jnp.copy, params),
         u=jax.tree.map(jnp.copy, params),
         inner_state=inner.init(params),
@@ -245,14 +259,9 @@ def binary_relax(
     inner_updates, inner_state = inner.update(updates, state.inner_state, state.w)
     w = optax.apply_updates(state.w, inner_updates)
     relaxing = state.count < relax_steps
-    lam = state.lam
 
     def new_u(quantize: bool, w_leaf):
-      if not quantize:
-        return w_leaf
-      p = projection(w_leaf)
-      relaxed = p + (w_leaf - p) / (lam + 1.0)  # = (lam P(w) + w) / (lam + 1)
-      return jnp.where(relaxing, relaxed.astype(w_leaf.dtype), p.astype(w_leaf.dtype))
+      return _relaxed_leaf(projection, w_leaf, state.lam, relaxing) if quantize else w_leaf
 
     u = jax.tree.map(new_u, is_quantized, w)
     emitted = jax.tree.map(
@@ -260,7 +269,8 @@ def binary_relax(
         is_quantized, u, params, inner_updates,
     )
     count = optax.safe_int32_increment(state.count)
-    new_state = BinaryRelaxState(count=count, lam=lam_at(count), w=w, u=u, inner_state=inner_state)
+    lam = _lam_at(count, lambda0, growth, growth_every)
+    new_state = BinaryRelaxState(count=count, lam=lam, w=w, u=u, inner_state=inner_state)
     return emitted, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
