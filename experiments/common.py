@@ -237,6 +237,15 @@ def default_workdir(cfg) -> str:
                       + ("-quick" if FLAGS.quick else ""))
 
 
+def error_lines(e: BaseException, limit: int = 3) -> list[str]:
+  """At most ``limit`` lines of an error: its first line, then its last lines naming a flag to use."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+  if len(lines) <= limit:
+    return lines
+  hints = [l for l in lines[1:] if "--" in l]
+  return [lines[0]] + hints[-(limit - 1):] if hints else lines[:1]
+
+
 def _interrupted_line(e: KeyboardInterrupt) -> str:
   where = getattr(e, "where", None) or "before the first epoch ended"
   return f"interrupted {where}; run the same command to resume"
@@ -272,7 +281,7 @@ def run(dataset: str, defaults: dict | None = None, workdir: str | None = None):
     print(_interrupted_line(e), file=sys.stderr)
     sys.exit(130)
   except (ValueError, OSError, RuntimeError, pipeline.RunExistsError) as e:
-    print(f"error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+    print("error: " + "\n  ".join(error_lines(e)), file=sys.stderr)
     sys.exit(2)
   if main:
     print(f"results written to {os.path.join(workdir, 'results.json')}")
