@@ -22,6 +22,7 @@ the JSON, a table in the ``.md``).
 import dataclasses
 import os
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -141,10 +142,16 @@ def eval_overrides() -> dict:
 
 
 def check_writable(run: str) -> None:
-  """Fails before any computing when the run directory cannot take the evaluation's files."""
-  if os.path.isdir(run) and not os.access(run, os.W_OK | os.X_OK):
-    raise ValueError(f"run directory {run} is not writable (permission denied): the evaluation writes "
-                     "evaluation*.json there; copy the run elsewhere or fix its permissions")
+  """Fails before any computing when the run directory cannot take the evaluation's files (a probe file
+  is created and removed: permissions, a read-only file system and a full disk all show)."""
+  if not os.path.isdir(run):
+    return  # load_run names the missing run
+  try:
+    with tempfile.TemporaryFile(dir=run):
+      pass
+  except OSError as e:
+    raise ValueError(f"run directory {run} is not writable ({e.strerror or type(e).__name__}): the "
+                     "evaluation writes evaluation*.json there; copy the run elsewhere or fix it") from None
 
 
 def evaluate_run() -> dict:
