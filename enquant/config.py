@@ -118,8 +118,8 @@ class EvalConfig:
   """Final evaluation (the paper's A1-A3 at eps 0.031 on the whole test set)."""
 
   attacks: str = setting("a1,a2,a3", "Final evaluation attacks, comma-separated: a1 (FGSM), a2 "
-                         "(IFGSM-20), a3 (CW-l_inf 50), fgsm, pgd<N>, cw<N>, apgd-ce, apgd-dlr, with optional "
-                         "-eot<K>, -r<R> (restarts), -rs (random start).", flag="attacks")
+                         "(IFGSM-20), a3 (CW-l_inf 50), fgsm, pgd<N>, cw<N>, apgd-ce, apgd-dlr, with "
+                         "optional -eot<K>, -r<R> (restarts), -rs (random start).", flag="attacks")
   eot_samples: int = setting(5, "Also run every attack with EOT over K noise draws (randomized models "
                              "only; 0 or 1: off).", flag="eot_samples")
   eps: float = setting(PAPER_EPS, "Evaluation attack l_inf radius, in (0, 1] (the paper: 0.031).",
@@ -172,8 +172,8 @@ class ExperimentConfig:
   dataset: str = setting("cifar10", f"Dataset: one of {tuple(sorted(data_lib.DATASETS))}.",
                          flag="dataset")
   data_dir: str | None = setting(None, "Folder with the official dataset files (default: "
-                                 "$ENQUANT_DATA_DIR, ../shared/data beside the repo, or ~/.enquant/data); with "
-                                 "--data_source=tfds, TFDS's data directory.", flag="data_dir")
+                                 "$ENQUANT_DATA_DIR, ../shared/data beside the repo, or ~/.enquant/data); "
+                                 "with --data_source=tfds, TFDS's data directory.", flag="data_dir")
   data_source: str = setting("auto", "Where data comes from (auto: local files, else TFDS; embedded: the "
                              "5000/1000 MNIST sample in the package).", flag="data_source")
   max_train: int = setting(0, "Use only the first N training images (0: all).", flag="max_train")

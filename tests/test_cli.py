@@ -122,6 +122,14 @@ def test_default_config_is_the_paper_protocol():
   assert _config([], dataset="svhn") == config_lib.preset("svhn")
 
 
+def test_the_flat_flags_of_the_readme_train_table_one_en5_br_row():
+  cfg = _config(["--ensembles=5", "--quant=br"], dataset="cifar10")
+  expected = config_lib.preset("cifar10")
+  expected = dataclasses.replace(expected, model=dataclasses.replace(expected.model, ensembles=5),
+                                 quant=dataclasses.replace(expected.quant, mode="br"))
+  assert cfg == expected and cfg.loss.kind == "at" and cfg.quant.ternary_method == "br"
+
+
 def test_explicit_flags_win_over_quick():
   cfg = _config(["--quick", "--epochs=5", "--depth=20", "--attacks=a1,a2,a3", "--batch_size=128"])
   assert (cfg.train.epochs, cfg.model.depth, cfg.eval.attacks, cfg.train.batch_size) == (5, 20, "a1,a2,a3",

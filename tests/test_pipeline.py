@@ -184,7 +184,7 @@ def test_one_writer_per_run_directory_and_ctrl_c_is_one_line_with_exit_130(tmp_p
     for line in first.stdout:  # the first process trains
       if line.startswith("epoch 1/100"):
         break
-    second = _cli(*command[2:])
+    second = _cli(*command[3:])
     assert second.returncode == 2, second.stderr
     assert second.stderr.strip() == (f"error: run directory {workdir} is in use by pid {first.pid} (lock "
                                      f"{workdir}/.lock); wait for it to finish or stop it first")
