@@ -86,6 +86,14 @@ def _spawn(args: list[str], src: str) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _model(run: str) -> str:
+  with open(os.path.join(run, "config.json")) as f:
+    cfg = json.load(f)
+  m = cfg["model"]
+  return (f"{cfg['dataset']}, {m['ensembles']} member(s), depth {m['depth']}, widths "
+          f"{'/'.join(map(str, m['widths']))}, noise {m['noise_coef']}")
+
+
 def _cpu() -> str:
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -100,7 +108,9 @@ def main(argv):
     print(json.dumps(part_evaluate()))
     return
   out = {"command": " ".join(["python -m benchmarks.compile_once"] + sys.argv[1:]), "cpu": _cpu(),
-         "cores": os.cpu_count(), "run": os.path.abspath(FLAGS.bench_run), "load_run": {}}
+         "cores": os.cpu_count(), "run": os.path.abspath(FLAGS.bench_run), "model": _model(FLAGS.bench_run),
+         "before": "load_run building its restore target with a compiled init (the code in --before_src)",
+         "after": "load_run building it with jax.eval_shape", "load_run": {}}
   sources = ([("before", FLAGS.before_src)] if FLAGS.before_src else []) + [("after", ROOT)]
   for _ in range(FLAGS.repeats):
     for name, src in sources:
@@ -121,8 +131,12 @@ def main(argv):
 
 def _markdown(out: dict) -> str:
   lines = ["# Compile once", "", f"`{out['command']}`", "",
-           f"{out['cpu']}, {out['cores']} cores; every number from a fresh process.", "",
-           "| measurement | wall s | XLA compile s | programs compiled |", "|---|---|---|---|"]
+           f"{out['cpu']}, {out['cores']} cores; every number from a fresh process. Run: {out['model']}.",
+           f"before: {out['before']}; after: {out['after']}. evaluate: `experiments.evaluate` "
+           "(attacks a1,a2 on 64 images) twice with one compilation cache folder, then twice without.", "",
+           "Compile s and events: `/jax/core/compile/backend_compile_duration` (a program read back from the "
+           "cache still reports one event, with the seconds it took). Other jobs shared the 2 cores.", "",
+           "| measurement | wall s | XLA compile s | compile events |", "|---|---|---|---|"]
   for name, rows in out["load_run"].items():
     for i, r in enumerate(rows):
       lines.append(f"| load_run, {name} (process {i + 1}) | {r['load_run_s']:.2f} | {r['compile_s']:.2f} | "

@@ -4,6 +4,7 @@ status 2, ``--help`` is grouped by topic, and the library's defaults are the pap
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -158,6 +159,22 @@ def test_help_is_grouped_by_topic_and_says_what_quick_sets():
   for name in ("mnist", "fmnist", "cifar10", "cifar100", "svhn"):  # thin aliases of experiments.train
     source = open(os.path.join(ROOT, "experiments", f"{name}.py")).read()
     assert f'common.launch("{name}")' in source
+
+
+def test_xla_error_level_lines_stay_off_the_console_of_an_entry_point():
+  # The "slow_operation_alarm ... Very slow compile?" banner is an XLA LOG(ERROR) line; a failing dump
+  # folder gives one of the same kind within a second.
+  code = "import experiments, jax; print(jax.jit(lambda x: x + 1)(1.0))"
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  env["XLA_FLAGS"] = "--xla_dump_to=/proc/no-such-folder"
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
+  assert "Could not create directory" not in proc.stderr and not re.search(r"^E\d{4} ", proc.stderr, re.M)
+  env["TF_CPP_MIN_LOG_LEVEL"] = "0"  # the user's own setting wins (and shows the line: the check can fail)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert "Could not create directory" in proc.stderr
 
 
 @pytest.fixture
