@@ -6,13 +6,16 @@ unfinished run of the same configuration resumes it; another configuration is re
 never overwritten unless asked.
 """
 
+import contextlib
 import dataclasses
 import os
 import platform
+import shutil
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from enquant import checkpoint as ckpt_lib
@@ -21,12 +24,11 @@ from enquant import data as data_lib
 from enquant import distributed
 from enquant import files
 from enquant import losses
-from enquant import quant
 from enquant import run_results
-from enquant import sparsity
 from enquant import tensorboard as tensorboard_lib
 from enquant import train as train_lib
 from enquant.config import ExperimentConfig
+from enquant.models import cost
 from enquant.models.ensemble import count_params, EnResNet
 
 
@@ -41,6 +43,7 @@ class WorkdirError(ValueError):
 # What a run (and ``experiments.evaluate``) writes into its directory: ``--overwrite`` removes exactly these.
 RUN_FILES = ("results.json", "results.md", "model_packed.npz", "metrics.jsonl", "checkpoints")
 RUN_FILE_PATTERNS = ("evaluation*.json", "evaluation*.md", "*.png", ".tmp-*")
+LOCK_FILE = ".lock"  # held by the one process writing the run directory (enquant.files.hold_lock)
 
 
 def software_versions() -> dict[str, str]:
@@ -128,14 +131,199 @@ def prepare_workdir(cfg: ExperimentConfig, workdir: str, *, overwrite: bool = Fa
   files.write_text_atomic(os.path.join(workdir, "config.json"), cfg.to_json() + "\n")
 
 
-def _resume(ckpt: ckpt_lib.Checkpointer, state, fingerprint: str, log) -> tuple[int, Any]:
+class RunSetup(NamedTuple):
+  """What a run is built from, before anything is written.
+
+  Attributes:
+    ds: the dataset.
+    model: the EnResNet.
+    tx: the optimizer (Binary-Relax around SGD for quantized runs).
+    schedule: its learning-rate schedule.
+    objective: ``(perturb, loss)`` of :func:`enquant.losses.make_objective`.
+    mesh: the data-parallel mesh.
+    state: the freshly initialised train state (replicated over the processes of a multi-process job).
+    steps_per_epoch: optimizer steps per epoch.
+    num_params: parameters of the model.
+  """
+  ds: Any
+  model: EnResNet
+  tx: Any
+  schedule: Any
+  objective: Any
+  mesh: Any
+  state: Any
+  steps_per_epoch: int
+  num_params: int
+
+
+def setup(cfg: ExperimentConfig, *, devices=None) -> RunSetup:
+  """Validates the configuration against its data and devices, and builds model, optimizer and state.
+
+  Raises:
+    ValueError, FileNotFoundError: bad configuration or data, or a model that cannot fit in memory.
+  """
+  cfg.eval.attack_specs(cfg.model.noise_coef > 0)  # bad attack names fail now, not after training
+  objective = losses.make_objective(cfg.loss)
+  ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source,
+                     max_train=cfg.max_train or None, max_test=cfg.max_test or None)
+  if ds.num_classes != cfg.model.num_classes:
+    raise ValueError(f"model has {cfg.model.num_classes} classes but {cfg.dataset} has {ds.num_classes}")
+  tcfg = cfg.train
+  if tcfg.batch_size > len(ds.train_images):
+    raise ValueError(f"batch_size {tcfg.batch_size} exceeds the {len(ds.train_images)} training images")
+  steps_per_epoch = len(ds.train_images) // tcfg.batch_size
+  mesh = train_lib.data_mesh(devices)
+  train_lib.check_batch(tcfg.batch_size, mesh)
+  model = EnResNet(cfg.model)
+  tx, schedule = train_lib.make_optimizer(tcfg, cfg.quant, steps_per_epoch)
+  sample = data_lib.to_float(ds.train_images[:1])
+  abstract = jax.eval_shape(lambda: train_lib.create_train_state(model, tx, jax.random.PRNGKey(0), sample))
+  num_params = count_params(abstract.params)
+  device = mesh.devices.flat[0]  # a CPU's fake devices share one host memory
+  cost.check_train_memory(cfg.model, ds.train_images.shape[1:],
+                          tcfg.batch_size // (1 if device.platform == "cpu" else mesh.devices.size),
+                          device, num_params=num_params)
+  state = train_lib.create_train_state(model, tx, jax.random.PRNGKey(tcfg.seed), sample)
+  if jax.process_count() > 1:  # orbax restores multi-host into the target's (global) shardings
+    state = train_lib.put_replicated(state, train_lib.shardings(mesh)[0])
+  return RunSetup(ds, model, tx, schedule, objective, mesh, state, steps_per_epoch, num_params)
+
+
+def _metrics_rows(metrics_path: str, last_epoch: int) -> list[dict]:
+  """The rows of ``metrics.jsonl`` up to ``last_epoch`` (a truncated last line is dropped with a warning).
+
+  Raises:
+    ValueError: a row without an integer ``epoch``, naming the file and the row.
+  """
+  rows = files.read_jsonl(metrics_path)
+  for number, row in enumerate(rows, start=1):
+    if isinstance(row.get("epoch"), bool) or not isinstance(row.get("epoch"), int):
+      raise ValueError(f"{metrics_path}: row {number} has no integer 'epoch'; fix or remove the file "
+                       "to resume")
+  return [r for r in rows if r["epoch"] <= last_epoch]
+
+
+def resume(ckpt: ckpt_lib.Checkpointer, state, fingerprint: str, *, workdir: str, main: bool,
+           log=None) -> tuple[int, Any]:
   """``(epochs done, state)`` from the newest checkpoint that passes verification (0 and ``state`` when
-  there is none); newer checkpoints that failed are moved to ``checkpoints/rejected/``."""
+  there is none); newer checkpoints that failed are moved to ``checkpoints/rejected/``, and process 0
+  rewrites ``metrics.jsonl`` without the rows past the checkpoint (epochs logged, not checkpointed: the
+  resumed run redoes them; TensorBoard hides their events, ``purge_step``) or a truncated last line."""
   found = ckpt.restore_latest(state, expect_fingerprint=fingerprint, log=log)
-  if found is None:
-    return 0, state
-  ckpt.set_aside([e for e in ckpt.epochs() if e > found.epoch])
-  return found.epoch, found.state
+  start_epoch = 0 if found is None else found.epoch
+  if found is not None:
+    ckpt.set_aside([e for e in ckpt.epochs() if e > found.epoch])
+    state = found.state
+  if main:
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    rows = _metrics_rows(metrics_path, start_epoch)
+    files.write_text_atomic(metrics_path, "".join(files.json_line(r) for r in rows))
+  return start_epoch, state
+
+
+class EpochRecorder:
+  """``on_epoch_end`` of :func:`enquant.train.run_epochs`: evaluates, writes the metrics row and the
+  TensorBoard summaries (process 0), then commits the checkpoint (every process: orbax saves collectively).
+
+  The row is written before the checkpoint, so no checkpoint is ever without its row. A non-finite value
+  stops the run (:class:`enquant.train.NonFiniteError`) before anything of that epoch is written.
+  """
+
+  def __init__(self, cfg: ExperimentConfig, run: RunSetup, ckpt, *, workdir: str, fingerprint: str,
+               start_epoch: int, main: bool, tensorboard: bool, log):
+    self.cfg, self.run, self.ckpt, self.fingerprint, self.main, self.log = (
+        cfg, run, ckpt, fingerprint, main, log)
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.tb_dir = os.path.join(workdir, tensorboard_lib.DIRNAME)
+    self.eval_step = train_lib.make_eval_step(run.model, run.mesh)
+    self._writer = None if (main and tensorboard) else False
+    self._purge_step = start_epoch + 1
+
+  def summaries(self):
+    """The TensorBoard writer, opened at the first epoch written (process 0; None when off)."""
+    if self._writer is None:
+      self._writer = tensorboard_lib.open_writer(self.tb_dir, purge_step=self._purge_step,
+                                                 log=self.log) or False
+    return self._writer or None
+
+  def close(self) -> None:
+    if self._writer:
+      self._writer.close()
+
+  def __call__(self, epoch: int, st, train_metrics: dict) -> None:
+    cfg, ds = self.cfg, self.run.ds
+    variables = {"params": train_lib.eval_params(st, cfg.quant), "batch_stats": st.batch_stats}
+    acc = train_lib.natural_accuracy(self.eval_step, variables, ds.test_images, ds.test_labels,
+                                     batch_size=cfg.train.batch_size, key=jax.random.PRNGKey(cfg.eval.seed),
+                                     mesh=self.run.mesh)
+    row = {"epoch": epoch + 1, "step": int(st.step), "lr": float(self.run.schedule(int(st.step) - 1)),
+           "test_acc": acc, **train_metrics, **train_lib.epoch_extras(st, cfg.quant)}
+    bad = files.nonfinite_key(row)
+    if bad is not None:
+      raise train_lib.NonFiniteError(f"non-finite {bad} ({row[bad]}) after epoch {epoch + 1}: "
+                                     "training stopped")
+    if self.main:
+      files.append_jsonl(self.metrics_path, row)
+      if (tb := self.summaries()) is not None:
+        tb.epoch(row, br_lambda=train_lib.relax_lambda(st, cfg.quant))
+    self.ckpt.save(epoch + 1, st, {"fingerprint": self.fingerprint})
+    self.log(f"epoch {epoch + 1}/{cfg.train.epochs}: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in row.items() if k in ("train_loss", "test_acc", "m_bound",
+                                                        "weight_sparsity", "epoch_seconds")))
+
+
+def _train(run: RunSetup, cfg: ExperimentConfig, state, record: EpochRecorder, *, start_epoch: int,
+           stop: int, progress: bool):
+  """The epochs ``start_epoch .. stop - 1`` (:func:`enquant.train.run_epochs`), a divergence named with
+  the checkpoint that is kept."""
+  augment, flip = config_lib.augmentation(cfg, run.ds.train_images.shape[1])
+  train_step = train_lib.make_train_step(run.model, run.tx, run.objective, augment=augment, flip=flip,
+                                         mesh=run.mesh)
+  try:
+    return train_lib.run_epochs(train_step, state, run.ds.train_images, run.ds.train_labels, cfg=cfg.train,
+                                mesh=run.mesh, start_epoch=start_epoch, stop_epoch=stop,
+                                on_epoch_end=record, progress=progress)
+  except train_lib.NonFiniteError as e:
+    last = record.ckpt.latest_epoch()
+    kept = f"the last good checkpoint (epoch {last}) is kept" if last else "no checkpoint was written"
+    raise train_lib.NonFiniteError(f"{e}; no results written, {kept}; lower --lr or check the data") \
+        from None
+
+
+def _final_results(cfg: ExperimentConfig, run: RunSetup, state, record: EpochRecorder, *, workdir: str,
+                   main: bool, progress: bool, log, t_start: float) -> dict[str, Any]:
+  """Evaluates the trained model and (process 0) writes ``results.json`` and ``results.md``.
+
+  The test-set pass is sharded over every process: the others join it (and compute what process 0
+  computes), writing into a scratch folder that is thrown away.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  t_eval = time.time()
+  with contextlib.ExitStack() as stack:
+    where = workdir if main else stack.enter_context(tempfile.TemporaryDirectory(prefix="enquant-process-"))
+    try:
+      results = run_results.final_results(cfg, run.model, state, run.ds, mesh=run.mesh,
+                                          eval_step=record.eval_step, progress=progress, log=log,
+                                          workdir=where)
+    except KeyboardInterrupt as e:
+      if isinstance(e, train_lib.Interrupted):
+        raise
+      raise train_lib.Interrupted(f"in the final evaluation (all {cfg.train.epochs} epochs trained)") \
+          from None
+  if not main:
+    return results
+  # wall_seconds: this call only; train_seconds: every epoch of every call (a resumed run's too).
+  results.update(config=cfg.to_dict(), model_name=cfg.model.name, num_params=run.num_params,
+                 dataset_source=run.ds.source, software=software_versions(),
+                 wall_seconds=time.time() - t_start, eval_seconds=time.time() - t_eval,
+                 train_seconds=sum(r.get("epoch_seconds", 0.0) for r in results.get("history", [])),
+                 workdir=os.path.abspath(workdir))
+  if (tb := record.summaries()) is not None:
+    tb.final(cfg.train.epochs, results)
+  files.write_text_atomic(os.path.join(workdir, "results.md"), run_results.markdown_row(results))
+  files.write_json_atomic(os.path.join(workdir, "results.json"), results)
+  files.remove_if_exists(os.path.join(workdir, "evaluation_progress.json"))  # its results are in
+  return results
 
 
 def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = True,
@@ -144,14 +332,15 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
   """Trains (resuming if possible), evaluates, and writes the run directory.
 
   The directory is validated first, but changed (``overwrite`` clears it, ``config.json`` is written) only
-  once the configuration is validated and the data are loaded. Each epoch writes its metrics row (and its
-  TensorBoard summaries, :mod:`enquant.tensorboard`) and then commits its checkpoint
-  (:mod:`enquant.checkpoint`: verified on resume, the newest good one is used).
+  once the configuration is validated and the data are loaded; from then on process 0 holds the run
+  directory's lock (``<workdir>/.lock``) until the run ends, so a second process on the same directory is
+  refused with one line naming the holder's pid. Each epoch writes its metrics row (and its TensorBoard
+  summaries) and then commits its checkpoint (:class:`EpochRecorder`; verified on resume, the newest good
+  one is used).
 
   In a multi-process job (:mod:`enquant.distributed`) every process calls this with the same arguments:
   the mesh spans the devices of all processes, each process feeds its own rows of every batch, and
-  process 0 alone logs and writes files (the others evaluate too, as the sharded test pass needs them,
-  but into a scratch folder).
+  process 0 alone logs and writes files.
 
   Args:
     cfg: the experiment.
@@ -168,8 +357,10 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
 
   Raises:
     WorkdirError, RunExistsError: the run directory cannot hold this run.
+    enquant.files.LockedError: another process holds the run directory.
     enquant.train.NonFiniteError: training diverged (NaN/inf); no results are written and the last good
       checkpoint stays.
+    enquant.train.Interrupted: Ctrl-C (a KeyboardInterrupt saying where; the same call resumes).
     enquant.checkpoint.CheckpointError: no usable checkpoint to resume from.
     ValueError, FileNotFoundError: bad configuration or data.
   """
@@ -178,132 +369,34 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
   if not main:  # process 0 speaks and writes for the whole job
     log, progress = (lambda *_: None), False
   check_workdir(cfg, workdir, overwrite=overwrite)
-  run_results.eval_specs(cfg)  # bad attack names fail now, not after training
-  objective = losses.make_objective(cfg.loss)
-  ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source,
-                     max_train=cfg.max_train or None, max_test=cfg.max_test or None)
-  if ds.num_classes != cfg.model.num_classes:
-    raise ValueError(f"model has {cfg.model.num_classes} classes but {cfg.dataset} has {ds.num_classes}")
-  tcfg = cfg.train
-  if tcfg.batch_size > len(ds.train_images):
-    raise ValueError(f"batch_size {tcfg.batch_size} exceeds the {len(ds.train_images)} training images")
-  steps_per_epoch = len(ds.train_images) // tcfg.batch_size
-  augment, flip = config_lib.augmentation(cfg, ds.train_images.shape[1])
-  mesh = train_lib.data_mesh(devices)
-  train_lib.check_batch(tcfg.batch_size, mesh)
-  repl, _ = train_lib.shardings(mesh)
-
-  model = EnResNet(cfg.model)
-  tx, schedule = train_lib.make_optimizer(tcfg, cfg.quant, steps_per_epoch)
-  sample = data_lib.to_float(ds.train_images[:1])
-  state = train_lib.create_train_state(model, tx, jax.random.PRNGKey(tcfg.seed), sample)
-  if main:
-    prepare_workdir(cfg, workdir, overwrite=overwrite)  # the run starts: only now the directory changes
-  distributed.barrier("enquant-workdir-ready")
-  n_params = count_params(state.params)
-  processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
-  log(f"{cfg.model.name} on {ds.name} ({ds.source}): {n_params:,} parameters "
-      f"({n_params / 1e6:.2f}M), {len(ds.train_images)} train / {len(ds.test_images)} test images, "
-      f"{steps_per_epoch} steps/epoch on {mesh.devices.size} device(s){processes}")
-
-  fingerprint = ckpt_lib.fingerprint(cfg.fingerprint_dict())
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  tb_dir = os.path.join(workdir, tensorboard_lib.DIRNAME)
-  if jax.process_count() > 1:  # orbax restores multi-host into the target's (global) shardings
-    state = train_lib.put_replicated(state, repl)
-
-  def relax_lambda(st) -> float | None:  # Binary-Relax's lambda, for the summaries
-    if not (cfg.quant.enabled and cfg.quant.mode == "br"):
-      return None
-    found = [s for s in jax.tree_util.tree_leaves(
-        st.opt_state, is_leaf=lambda x: isinstance(x, quant.BinaryRelaxState))
-             if isinstance(s, quant.BinaryRelaxState)]
-    return float(jax.device_get(found[0].lam)) if found else None
-
-  writer = None
-
-  def summaries():  # the TensorBoard writer, opened at the first epoch written (process 0)
-    nonlocal writer
-    if writer is None and main and tensorboard:
-      writer = tensorboard_lib.open_writer(tb_dir, purge_step=start_epoch + 1, log=log) or False
-    return writer or None
-
-  try:
-    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-      start_epoch, state = _resume(ckpt, state, fingerprint, log)
-      if start_epoch:
-        log(f"resumed from {workdir}/checkpoints/{start_epoch} (epoch {start_epoch}/{tcfg.epochs})")
-      if main:
-        # Rows past the checkpoint (an epoch logged, not checkpointed) are dropped: the resumed run redoes
-        # them, and TensorBoard hides their events (purge_step).
-        rows = [r for r in files.read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
-        files.write_text_atomic(metrics_path, "".join(files.json_line(r) for r in rows))
-        if overwrite and os.path.isdir(tb_dir):
-          import shutil  # pylint: disable=g-import-not-at-top
-          shutil.rmtree(tb_dir)  # the summaries of the run --overwrite replaces
-      state = jax.device_put(state, repl)
-
-      train_step = train_lib.make_train_step(model, tx, objective, augment=augment, flip=flip, mesh=mesh)
-      eval_step = train_lib.make_eval_step(model, mesh)
-      eval_key = jax.random.PRNGKey(cfg.eval.seed)
-
-      def on_epoch_end(epoch, st, train_metrics):
-        variables = {"params": train_lib.eval_params(st, cfg.quant), "batch_stats": st.batch_stats}
-        acc = train_lib.natural_accuracy(eval_step, variables, ds.test_images, ds.test_labels,
-                                         batch_size=tcfg.batch_size, key=eval_key, mesh=mesh)
-        row = {"epoch": epoch + 1, "step": int(st.step), "lr": float(schedule(int(st.step) - 1)),
-               "test_acc": acc, **train_metrics, **epoch_extras(st, cfg)}
-        bad = files.nonfinite_key(row)
-        if bad is not None:
-          raise train_lib.NonFiniteError(f"non-finite {bad} ({row[bad]}) after epoch {epoch + 1}: "
-                                         "training stopped")
-        if main:
-          files.append_jsonl(metrics_path, row)  # the row first: no checkpoint is ever without its row
-          if (tb := summaries()) is not None:
-            tb.epoch(row, br_lambda=relax_lambda(st))
-        ckpt.save(epoch + 1, st, {"fingerprint": fingerprint})  # every process: orbax saves collectively
-        log(f"epoch {epoch + 1}/{tcfg.epochs}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in row.items() if k in ("train_loss", "test_acc", "m_bound",
-                                                            "weight_sparsity", "epoch_seconds")))
-
-      stop = tcfg.epochs if stop_after_epochs is None else min(tcfg.epochs, stop_after_epochs)
-      try:
-        state = train_lib.run_epochs(train_step, state, ds.train_images, ds.train_labels, cfg=tcfg,
-                                     mesh=mesh, start_epoch=start_epoch, stop_epoch=stop,
-                                     on_epoch_end=on_epoch_end, progress=progress)
-      except train_lib.NonFiniteError as e:
-        last = ckpt.latest_epoch()
-        kept = f"the last good checkpoint (epoch {last}) is kept" if last else "no checkpoint was written"
-        raise train_lib.NonFiniteError(f"{e}; no results written, {kept}; lower --lr or check the data") \
-            from None
-    if stop < tcfg.epochs:
-      return None
-
+  run = setup(cfg, devices=devices)
+  with contextlib.ExitStack() as stack:
     if main:
-      t_eval = time.time()
-      results = run_results.final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step,
-                                          progress=progress, log=log, workdir=workdir)
-      # wall_seconds: this call only; train_seconds: every epoch of every call (a resumed run's too).
-      results.update(config=cfg.to_dict(), model_name=cfg.model.name, num_params=n_params,
-                     dataset_source=ds.source, software=software_versions(),
-                     wall_seconds=time.time() - t_start, eval_seconds=time.time() - t_eval,
-                     train_seconds=sum(r.get("epoch_seconds", 0.0) for r in results.get("history", [])),
-                     workdir=os.path.abspath(workdir))
-      if (tb := summaries()) is not None:
-        tb.final(tcfg.epochs, results)
-      files.write_text_atomic(os.path.join(workdir, "results.md"), run_results.markdown_row(results))
-      files.write_json_atomic(os.path.join(workdir, "results.json"), results)
-      files.remove_if_exists(os.path.join(workdir, "evaluation_progress.json"))  # its results are in
-    else:
-      # The test-set pass is sharded over every process: join it (and compute what process 0 computes),
-      # writing into a scratch folder that is thrown away.
-      import tempfile  # pylint: disable=g-import-not-at-top
-      with tempfile.TemporaryDirectory(prefix="enquant-process-") as scratch:
-        results = run_results.final_results(cfg, model, state, ds, mesh=mesh, eval_step=eval_step,
-                                            progress=False, log=log, workdir=scratch)
-  finally:
-    if writer:
-      writer.close()
+      os.makedirs(workdir, exist_ok=True)
+      stack.enter_context(files.hold_lock(os.path.join(workdir, LOCK_FILE), f"run directory {workdir}"))
+      prepare_workdir(cfg, workdir, overwrite=overwrite)  # the run starts: only now the directory changes
+      if overwrite:
+        shutil.rmtree(os.path.join(workdir, tensorboard_lib.DIRNAME), ignore_errors=True)
+    distributed.barrier("enquant-workdir-ready")
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    log(f"{cfg.model.name} on {run.ds.name} ({run.ds.source}): {run.num_params:,} parameters "
+        f"({run.num_params / 1e6:.2f}M), {len(run.ds.train_images)} train / {len(run.ds.test_images)} test "
+        f"images, {run.steps_per_epoch} steps/epoch on {run.mesh.devices.size} device(s){processes}")
+    fingerprint = ckpt_lib.fingerprint(cfg.fingerprint_dict())
+    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+      start_epoch, state = resume(ckpt, run.state, fingerprint, workdir=workdir, main=main, log=log)
+      if start_epoch:
+        log(f"resumed from {workdir}/checkpoints/{start_epoch} (epoch {start_epoch}/{cfg.train.epochs})")
+      state = jax.device_put(state, train_lib.shardings(run.mesh)[0])
+      record = EpochRecorder(cfg, run, ckpt, workdir=workdir, fingerprint=fingerprint,
+                             start_epoch=start_epoch, main=main, tensorboard=tensorboard, log=log)
+      stack.callback(record.close)
+      stop = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, stop_after_epochs)
+      state = _train(run, cfg, state, record, start_epoch=start_epoch, stop=stop, progress=progress)
+    if stop < cfg.train.epochs:
+      return None
+    results = _final_results(cfg, run, state, record, workdir=workdir, main=main, progress=progress,
+                             log=log, t_start=t_start)
   distributed.barrier("enquant-results-written")
   return results
 
@@ -311,6 +404,8 @@ def train_and_evaluate(cfg: ExperimentConfig, workdir: str, *, progress: bool = 
 def load_run(workdir: str, *, data_dir: str | None = None, log=print):
   """Restores a run directory's configuration, model and (evaluation) variables from its newest good
   checkpoint (checkpoints that fail verification are skipped, and ``log`` is told in one line).
+
+  The restore target is built with ``jax.eval_shape`` (no initialisation is compiled or run).
 
   Returns:
     ``(cfg, model, variables, state)``; ``variables`` hold P(w) for quantized runs.
@@ -334,7 +429,9 @@ def load_run(workdir: str, *, data_dir: str | None = None, log=print):
                         // cfg.train.batch_size)
   tx, _ = train_lib.make_optimizer(cfg.train, cfg.quant, steps_per_epoch)
   shape = (1,) + tuple(data_lib.DATASETS[cfg.dataset].image_shape)
-  target = train_lib.create_train_state(model, tx, jax.random.PRNGKey(0), np.zeros(shape, np.float32))
+  # The restore target's shapes and dtypes only: traced, never compiled or run.
+  target = jax.eval_shape(lambda: train_lib.create_train_state(model, tx, jax.random.PRNGKey(0),
+                                                               jnp.zeros(shape, jnp.float32)))
   with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     found = ckpt.restore_latest(target, expect_fingerprint=ckpt_lib.fingerprint(cfg.fingerprint_dict()),
                                 log=log)
@@ -343,17 +440,3 @@ def load_run(workdir: str, *, data_dir: str | None = None, log=print):
   state = found.state
   variables = {"params": train_lib.eval_params(state, cfg.quant), "batch_stats": state.batch_stats}
   return cfg, model, variables, state
-
-
-def epoch_extras(state, cfg: ExperimentConfig) -> dict[str, float]:
-  """Per-epoch extras: the M_t bound (max over conv layers of mean|w|, float weights) over all conv kernels
-  (``m_bound``) and over the 3x3 kernels only (``m_bound_3x3``: the 1x1 shortcuts left out), and, for
-  quantized runs, the weight/channel sparsity of P(w)."""
-  weights = jax.device_get(quant.float_weights(state.opt_state) if cfg.quant.enabled else state.params)
-  extras = {"m_bound": sparsity.m_bound(weights),
-            "m_bound_3x3": sparsity.m_bound(weights, sparsity.spatial_conv_mask)}
-  if cfg.quant.enabled:
-    report = sparsity.weight_report(jax.device_get(train_lib.eval_params(state, cfg.quant)))
-    extras.update(weight_sparsity=report["total/weight_sparsity"],
-                  channel_sparsity=report["total/channel_sparsity"])
-  return extras

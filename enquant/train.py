@@ -24,6 +24,7 @@ import tqdm
 
 from enquant import data as data_lib
 from enquant import quant
+from enquant import sparsity
 from enquant.config import QuantConfig, TrainConfig
 from enquant.models.ensemble import EnResNet
 
@@ -252,6 +253,14 @@ _FINITE_PARTS = {"params": "parameters", "batch_stats": "BatchNorm statistics",
                  "opt_state": "optimizer state"}
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C, saying where the run stood (``where``: "at epoch 2, step 11/40"); the same call resumes."""
+
+  def __init__(self, where: str):
+    super().__init__(where)
+    self.where = where
+
+
 class NonFiniteError(FloatingPointError):
   """Training produced NaN or infinity (a loss, a metric, the parameters or the optimizer state)."""
 
@@ -293,6 +302,7 @@ def run_epochs(train_step, state: TrainState, images: np.ndarray, labels: np.nda
   (:func:`finite_flags`): the first NaN or infinity stops training.
 
   Raises:
+    Interrupted: Ctrl-C (KeyboardInterrupt) during an epoch, naming the epoch and the step.
     NonFiniteError: a loss/metric, the parameters, the BN statistics or the optimizer state became NaN or
       infinite; the message names the epoch, the step and the quantity. ``on_epoch_end`` is not called for
       that epoch.
@@ -301,31 +311,62 @@ def run_epochs(train_step, state: TrainState, images: np.ndarray, labels: np.nda
   _, batch = shardings(mesh)
   rows = process_rows(mesh, cfg.batch_size)  # all rows on one process; this process's share on many
   for epoch in range(start_epoch, stop_epoch):
-    order = data_lib.epoch_batches(len(images), cfg.batch_size, seed=cfg.seed, epoch=epoch)
-    sums: dict[str, float] = {}
-    t0 = time.perf_counter()
-    bar = tqdm.tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                    leave=False, dynamic_ncols=True)
-    for i, idx in enumerate(bar):
-      mine = idx[rows]
-      state, metrics = train_step(state, put_batch(images[mine], batch, cfg.batch_size),
-                                  put_batch(labels[mine], batch, cfg.batch_size))
-      metrics = jax.device_get(metrics)
-      bad = nonfinite_quantity(metrics)
-      if bad is not None:
-        bar.close()
-        raise NonFiniteError(f"non-finite {bad} at epoch {epoch + 1}, step {i + 1} of {len(order)} "
-                             f"(global step {epoch * len(order) + i + 1}): training stopped")
-      for k, v in metrics.items():
-        if not k.startswith(FINITE_PREFIX):
-          sums[k] = sums.get(k, 0.0) + float(v)
-      if progress and (i % 10 == 0 or i == len(order) - 1):
-        bar.set_postfix({k: f"{v / (i + 1):.3f}" for k, v in sums.items()
-                         if k in ("loss", "nat_acc", "adv_acc")})
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    train_metrics = {f"train_{k}": v / len(order) for k, v in sums.items()}
-    train_metrics.update(epoch_seconds=elapsed, images_per_second=len(order) * cfg.batch_size / elapsed)
-    if on_epoch_end is not None:
-      on_epoch_end(epoch, state, train_metrics)
+    step = 0
+    try:
+      order = data_lib.epoch_batches(len(images), cfg.batch_size, seed=cfg.seed, epoch=epoch)
+      sums: dict[str, float] = {}
+      t0 = time.perf_counter()
+      bar = tqdm.tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                      leave=False, dynamic_ncols=True)
+      for i, idx in enumerate(bar):
+        step = i + 1
+        mine = idx[rows]
+        state, metrics = train_step(state, put_batch(images[mine], batch, cfg.batch_size),
+                                    put_batch(labels[mine], batch, cfg.batch_size))
+        metrics = jax.device_get(metrics)
+        bad = nonfinite_quantity(metrics)
+        if bad is not None:
+          bar.close()
+          raise NonFiniteError(f"non-finite {bad} at epoch {epoch + 1}, step {i + 1} of {len(order)} "
+                               f"(global step {epoch * len(order) + i + 1}): training stopped")
+        for k, v in metrics.items():
+          if not k.startswith(FINITE_PREFIX):
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if progress and (i % 10 == 0 or i == len(order) - 1):
+          bar.set_postfix({k: f"{v / (i + 1):.3f}" for k, v in sums.items()
+                           if k in ("loss", "nat_acc", "adv_acc")})
+      bar.close()
+      elapsed = time.perf_counter() - t0
+      train_metrics = {f"train_{k}": v / len(order) for k, v in sums.items()}
+      train_metrics.update(epoch_seconds=elapsed, images_per_second=len(order) * cfg.batch_size / elapsed)
+      if on_epoch_end is not None:
+        on_epoch_end(epoch, state, train_metrics)
+    except KeyboardInterrupt as e:
+      if isinstance(e, Interrupted):
+        raise
+      raise Interrupted(f"at epoch {epoch + 1}, step {step}") from None
   return state
+
+
+def relax_lambda(state: TrainState, qcfg: QuantConfig) -> float | None:
+  """Binary-Relax's lambda in ``state`` (None for other runs), for the summaries."""
+  if not (qcfg.enabled and qcfg.mode == "br"):
+    return None
+  found = [s for s in jax.tree_util.tree_leaves(
+      state.opt_state, is_leaf=lambda x: isinstance(x, quant.BinaryRelaxState))
+           if isinstance(s, quant.BinaryRelaxState)]
+  return float(jax.device_get(found[0].lam)) if found else None
+
+
+def epoch_extras(state: TrainState, qcfg: QuantConfig) -> dict[str, float]:
+  """Per-epoch extras: the M_t bound (max over conv layers of mean|w|, float weights) over all conv kernels
+  (``m_bound``) and over the 3x3 kernels only (``m_bound_3x3``: the 1x1 shortcuts left out), and, for
+  quantized runs, the weight/channel sparsity of P(w)."""
+  weights = jax.device_get(quant.float_weights(state.opt_state) if qcfg.enabled else state.params)
+  extras = {"m_bound": sparsity.m_bound(weights),
+            "m_bound_3x3": sparsity.m_bound(weights, sparsity.spatial_conv_mask)}
+  if qcfg.enabled:
+    report = sparsity.weight_report(jax.device_get(eval_params(state, qcfg)))
+    extras.update(weight_sparsity=report["total/weight_sparsity"],
+                  channel_sparsity=report["total/channel_sparsity"])
+  return extras

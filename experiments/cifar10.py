@@ -1,12 +1,13 @@
 """Train and evaluate an (En)ResNet on CIFAR-10, the paper's protocol as defaults.
 
+An alias of ``python -m experiments.train --dataset=cifar10``.
+
 Data: the official binary/python versions (folders or .tar.gz) in --data_dir, or TFDS.
 
     python -m experiments.cifar10 --data_dir=~/data --ensembles=5 --quant=br   # Table I's BR row
     python -m experiments.cifar10 --help    # the flags, grouped by topic
 """
 
-from absl import app
 from absl import flags
 
 from experiments import common
@@ -14,4 +15,4 @@ from experiments import common
 flags.adopt_module_key_flags(common)  # absl's own --helpshort/--helpxml list them too
 
 if __name__ == "__main__":
-  app.run(common.main_for("cifar10"), flags_parser=common.parse_flags)
+  common.launch("cifar10")

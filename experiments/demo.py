@@ -8,20 +8,22 @@ PGD adversarial examples, then natural and robust accuracy (FGSM, IFGSM-20, CW-l
 bit-packed size. Every flag of the other experiments works here too; only the defaults differ.
 """
 
-from absl import app
 from absl import flags
 
 from experiments import common
 
 flags.adopt_module_key_flags(common)
 
-DEMO_DEFAULTS = dict(
-    data_source="embedded", ensembles=2, depth=8, width=8, epochs=3, batch_size=64, lr=0.1,
-    lr_schedule="cosine", quant="br", bits=1, br_growth=1.3, br_growth_every=0.2,
-    br_relax_fraction=0.67, loss="tradeoff", alpha=1.0, beta=8.0, train_eps=0.1,
-    train_step_size=0.04, train_steps=3, eval_eps=0.1, eval_max=200, eot_samples=0,
-    max_unroll=0, workdir="runs/demo", eval_extra_eps=[], train_attack_bn="eval", noise_rng="hash",
-)
+# The demo's settings over MNIST's preset (paths of enquant.config.ExperimentConfig).
+DEMO_DEFAULTS = {
+    "data_source": "embedded", "model.ensembles": 2, "model.depth": 8, "model.widths": (8, 16, 32),
+    "model.noise_rng": "hash", "train.epochs": 3, "train.batch_size": 64, "train.lr": 0.1,
+    "train.lr_schedule": "cosine", "quant.mode": "br", "quant.bits": 1, "quant.growth": 1.3,
+    "quant.growth_every_epochs": 0.2, "quant.relax_fraction": 0.67, "loss.kind": "tradeoff",
+    "loss.alpha": 1.0, "loss.beta": 8.0, "loss.eps": 0.1, "loss.step_size": 0.04, "loss.steps": 3,
+    "loss.attack_bn": "eval", "eval.eps": 0.1, "eval.max_examples": 200, "eval.eot_samples": 0,
+    "eval.max_unroll": 0, "eval.extra_eps": (),
+}
 
 if __name__ == "__main__":
-  app.run(common.main_for("mnist", DEMO_DEFAULTS), flags_parser=common.parse_flags)
+  common.launch("mnist", DEMO_DEFAULTS, workdir="runs/demo")

@@ -22,6 +22,7 @@ the JSON, a table in the ``.md``).
 import dataclasses
 import os
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -63,16 +64,14 @@ def split_attacks(names: str) -> tuple[list[str], list[str]]:
 
 
 def autoattack_evaluation(cfg, model, variables, images, labels, versions, *, progress) -> dict:
-  """The run's attacks (:func:`enquant.run_results.eval_specs`, same keys as the pipeline) and each
+  """The run's attacks (:meth:`enquant.config.EvalConfig.attack_specs`, same keys as the pipeline) and each
   AutoAttack version on the same images, with per-example masks for the per-image worst case."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from enquant import autoattack  # pylint: disable=g-import-not-at-top
   from enquant import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from enquant import run_results  # pylint: disable=g-import-not-at-top
-
-  specs = run_results.eval_specs(cfg)
+  specs = cfg.eval.attack_specs(cfg.model.noise_coef > 0)
   key = jax.random.PRNGKey(cfg.eval.seed)
   target_fn = jax.tree_util.Partial(model.apply_eval, variables)
   acc, masks = evaluate_lib.evaluate(target_fn, images, labels, specs, batch_size=cfg.eval.batch_size,
@@ -126,17 +125,44 @@ def sanity_report(cfg, model, variables, images, labels, *, progress) -> dict:
                               batch_size=cfg.eval.batch_size, config=config, progress=progress)
 
 
+def eval_overrides() -> dict:
+  """The evaluation settings given as flags, checked by :class:`enquant.config.EvalConfig` before
+  anything is loaded (ValueError naming the flag)."""
+  from enquant import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  names = dict(eps="eps", eot_samples="eot_samples", max_examples="max_examples", seed="seed")
+  overrides = {field: FLAGS[flag].value for field, flag in names.items() if FLAGS[flag].value is not None}
+  try:
+    config_lib.EvalConfig(**overrides)
+  except ValueError as e:
+    raise ValueError(f"--{' --'.join(f'{names[k]}={v}' for k, v in overrides.items())}: {e}") from None
+  if FLAGS.attacks is not None:
+    overrides["attacks"] = FLAGS.attacks
+  return overrides
+
+
+def check_writable(run: str) -> None:
+  """Fails before any computing when the run directory cannot take the evaluation's files (a probe file
+  is created and removed: permissions, a read-only file system and a full disk all show)."""
+  if not os.path.isdir(run):
+    return  # load_run names the missing run
+  try:
+    with tempfile.TemporaryFile(dir=run):
+      pass
+  except OSError as e:
+    raise ValueError(f"run directory {run} is not writable ({e.strerror or type(e).__name__}): the "
+                     "evaluation writes evaluation*.json there; copy the run elsewhere or fix it") from None
+
+
 def evaluate_run() -> dict:
   from enquant import data as data_lib  # pylint: disable=g-import-not-at-top
-  from enquant import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from enquant import files  # pylint: disable=g-import-not-at-top
   from enquant import pipeline  # pylint: disable=g-import-not-at-top
   from enquant import run_results  # pylint: disable=g-import-not-at-top
 
+  overrides = eval_overrides()
+  check_writable(FLAGS.run)
   cfg, model, variables, _ = pipeline.load_run(FLAGS.run, data_dir=FLAGS.data_dir)
-  overrides = {k: v for k, v in dict(attacks=FLAGS.attacks, eps=FLAGS.eps, eot_samples=FLAGS.eot_samples,
-                                     max_examples=FLAGS.max_examples, seed=FLAGS.seed).items()
-               if v is not None}
   cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **overrides))
   if FLAGS.noise_rng is not None and FLAGS.noise_rng != cfg.model.noise_rng:
     from enquant.models import EnResNet  # pylint: disable=g-import-not-at-top
@@ -144,7 +170,7 @@ def evaluate_run() -> dict:
     model = EnResNet(cfg.model)
   regular, versions = split_attacks(cfg.eval.attacks)
   cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, attacks=",".join(regular)))
-  evaluate_lib.parse_attacks(cfg.eval.attacks, eps=cfg.eval.eps)
+  cfg.eval.attack_specs(cfg.model.noise_coef > 0)  # bad attack names fail now
   if versions and FLAGS.oracle:
     raise ValueError("AutoAttack is a white-box evaluation: drop --oracle or the autoattack entries")
   oracle = None
@@ -193,11 +219,15 @@ def main(argv):
     sys.exit(2)
   experiments.quiet_logs()
   try:
+    experiments.start_compilation_cache()
     evaluate_run()
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except KeyboardInterrupt:
+    print("interrupted; run the same command to resume (finished units are kept)", file=sys.stderr)
+    sys.exit(130)
+  except (ValueError, OSError) as e:
+    print(f"error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiments.parse_flags_strict)

@@ -1,12 +1,13 @@
 """Train and evaluate an (En)ResNet on Fashion-MNIST, the paper's protocol as defaults.
 
+An alias of ``python -m experiments.train --dataset=fmnist``.
+
 Data: the official IDX files in --data_dir (fashion-mnist/ or the folder itself) or TFDS.
 
     python -m experiments.fmnist --data_dir=~/data --quant=br --bits=2
     python -m experiments.fmnist --help    # the flags, grouped by topic
 """
 
-from absl import app
 from absl import flags
 
 from experiments import common
@@ -14,4 +15,4 @@ from experiments import common
 flags.adopt_module_key_flags(common)  # absl's own --helpshort/--helpxml list them too
 
 if __name__ == "__main__":
-  app.run(common.main_for("fmnist"), flags_parser=common.parse_flags)
+  common.launch("fmnist")

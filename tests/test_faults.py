@@ -294,7 +294,7 @@ def test_overwrite_loads_the_data_before_it_touches_the_run_and_then_clears_ever
   assert _snapshot(workdir) == before  # nothing deleted or changed
   new = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.05))
   assert pipeline.train_and_evaluate(new, workdir, overwrite=True, stop_after_epochs=0, **QUIET) is None
-  assert sorted(os.listdir(workdir)) == ["config.json", "metrics.jsonl", "notes.txt"]
+  assert sorted(os.listdir(workdir)) == [".lock", "config.json", "metrics.jsonl", "notes.txt"]
   assert files.read_json(os.path.join(workdir, "config.json"))["train"]["lr"] == 0.05
 
 

@@ -104,14 +104,11 @@ def test_cli_defaults_train_table_one_en5_br_row():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from experiments import common  # pylint: disable=g-import-not-at-top
   fl = flags.FLAGS
-  saved = {name: fl[name].default for name in common.protocol_defaults("cifar10")}
   try:
-    common.main_for("cifar10")
     fl(["cifar10", "--ensembles=5", "--quant=br"])
     cfg = common.config_from_flags("cifar10")
   finally:
     fl.unparse_flags()
-    common.set_defaults(saved)
   assert cfg == paper.build_config(_row("I", ensembles=5, quant="br"), "paper")
 
 

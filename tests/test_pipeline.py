@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -63,8 +65,7 @@ def test_short_br_run_ends_exactly_in_the_quantized_set_and_beats_chance(ternary
         assert len(values[values > 0]) <= 1, (name, values[:5])
   np.testing.assert_array_equal(np.asarray(state.params["stage1_block1"]["conv1"]["kernel"]),
                                 np.asarray(variables["params"]["stage1_block1"]["conv1"]["kernel"]))
-  # Chance is 0.1. This 2-epoch run's accuracy depends on the CPU's float kernels: 0.395 on the AVX-512 AMD
-  # EPYC of stop 10 (the same value every run), above 0.4 on the machines before it.
+  # Chance is 0.1 (this 2-epoch run's accuracy depends a little on the CPU's float kernels).
   assert results["natural_accuracy"] > 0.3, results["natural_accuracy"]
 
 
@@ -111,26 +112,6 @@ def _cli(*args):
                         timeout=120)
 
 
-@pytest.mark.parametrize("flag,message", [
-    ("--ensembles=0", "ensembles must be >= 1"),
-    ("--depth=21", "depth must be 6n+2"),
-    ("--attacks=pgd20,foo", "unknown attack 'foo'"),
-    ("--bits=9", "bits must be in 1..8"),
-])
-def test_cli_rejects_bad_flags_with_one_clear_line(flag, message, tmp_path):
-  proc = _cli("experiments.mnist", flag, f"--workdir={tmp_path}")
-  assert proc.returncode != 0
-  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-  assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
-
-
-def test_cli_reports_missing_data_clearly(tmp_path):
-  proc = _cli("experiments.cifar10", f"--data_dir={tmp_path}", "--data_source=local",
-              f"--workdir={tmp_path / 'run'}")
-  assert proc.returncode != 0
-  assert "error: " in proc.stderr and "cifar" in proc.stderr.lower()
-
-
 def test_transfer_from_the_model_itself_equals_white_box(ternary_run):
   cfg, workdir, results = ternary_run
   _, model, variables, _ = pipeline.load_run(workdir)
@@ -141,7 +122,82 @@ def test_transfer_from_the_model_itself_equals_white_box(ternary_run):
   assert transferred["accuracy"] == results["robust"]["accuracy"]
 
 
-def test_evaluate_cli_reports_a_missing_run_clearly(tmp_path):
-  proc = _cli("experiments.evaluate", f"--run={tmp_path}")
-  assert proc.returncode != 0
-  assert proc.stderr.strip().splitlines()[-1].startswith("error: no run in")
+def test_evaluate_cli_refuses_bad_flags_and_a_missing_run_with_one_line(tmp_path):
+  # (An unknown flag goes through the training CLI's parser: tests/test_cli.py.)
+  cases = {"--eps=2": "eval eps must be in (0, 1]", "--max_examples=-5": "eval max_examples must be >= 0",
+           "": f"no run in {tmp_path}"}
+  procs = {flag: subprocess.Popen([sys.executable, "-m", "experiments.evaluate", f"--run={tmp_path}"]
+                                  + [flag] * bool(flag), cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for flag in cases}
+  for flag, proc in procs.items():
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.count("\n") == 1, (flag, err)
+    assert err.startswith("error: ") and cases[flag] in err, (flag, err)
+
+
+def test_evaluation_into_a_read_only_run_directory_fails_before_computing(ternary_run):
+  _, workdir, _ = ternary_run
+  # Its own process (experiments.evaluate's flags are not the training CLI's): every write into the run
+  # directory is refused, as on a read-only mount, and computing would fail loudly.
+  code = f"""
+import sys, tempfile
+from absl import flags
+from enquant import pipeline
+from experiments import evaluate
+
+def read_only(*args, **kwargs):
+  raise PermissionError(13, "Permission denied")
+
+def computed(*args, **kwargs):
+  raise AssertionError("the evaluation started computing")
+
+tempfile.TemporaryFile = read_only
+pipeline.load_run = computed
+flags.FLAGS(["evaluate", "--run={workdir}", "--compilation_cache="])
+evaluate.main(["evaluate"])
+"""
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr == (f"error: run directory {workdir} is not writable (Permission denied): the evaluation "
+                         "writes evaluation*.json there; copy the run elsewhere or fix it\n")
+
+
+def test_train_memory_estimate_counts_activations_and_parameter_copies():
+  from enquant.models import cost  # pylint: disable=g-import-not-at-top
+  model = ModelConfig(num_classes=10, depth=8, widths=(4, 8, 8), ensembles=2)
+  # Conv outputs per image and member: stem 28*28*4; block 1: two 28*28*4; blocks 2 and 3 (stride 2, with
+  # projections): three 14*14*8 and three 7*7*8. Weights per member: 9*1*4, 9*(16+16), 9*(32+64)+32,
+  # 9*(64+64)+64 and the dense 8*10.
+  floats = 2 * (28 * 28 * 4 + 2 * 28 * 28 * 4 + 3 * 14 * 14 * 8 + 3 * 7 * 7 * 8)
+  weights = 2 * (36 + 288 + 896 + 1216 + 80)
+  assert cost.activation_floats(model, (28, 28, 1)) == floats
+  assert cost.train_memory_bytes(model, (28, 28, 1), 32) == 4 * (2 * 32 * floats + 4 * weights)
+  device = type("Device", (), {"platform": "gpu", "memory_stats": lambda self: {"bytes_limit": 10**6}})()
+  cost.check_train_memory(model, (28, 28, 1), 1, device)  # ~0.3 MB: fits
+  with pytest.raises(ValueError, match=r"needs at least .* GiB .* more than the 0.0 GiB of gpu memory"):
+    cost.check_train_memory(model, (28, 28, 1), 32, device)
+
+
+def test_one_writer_per_run_directory_and_ctrl_c_is_one_line_with_exit_130(tmp_path):
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-u", "-m", "experiments.mnist", "--data_source=embedded", "--max_train=256",
+             "--max_test=64", "--epochs=100", "--batch_size=32", "--depth=8", "--width=4", "--loss=natural",
+             "--attacks=", "--progress=false", "--tensorboard=false", "--compilation_cache=",
+             f"--workdir={workdir}"]
+  first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in first.stdout:  # the first process trains
+      if line.startswith("epoch 1/100"):
+        break
+    second = _cli(*command[3:])
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip() == (f"error: run directory {workdir} is in use by pid {first.pid} (lock "
+                                     f"{workdir}/.lock); wait for it to finish or stop it first")
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+  finally:
+    first.kill()
+  assert first.returncode == 130, err[-2000:]
+  assert re.fullmatch(r"interrupted at epoch \d+, step \d+; run the same command to resume\n", err), err
+  epochs = [json.loads(l)["epoch"] for l in open(workdir / "metrics.jsonl")]
+  assert epochs == list(range(1, len(epochs) + 1))  # one writer: no epoch twice

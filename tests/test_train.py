@@ -90,7 +90,16 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted, tmp_path):
   assert pipeline.train_and_evaluate(cfg, workdir, progress=False, stop_after_epochs=1,
                                      log=lambda *_: None) is None
   assert not os.path.exists(os.path.join(workdir, "results.json"))
-  resumed = pipeline.train_and_evaluate(cfg, workdir, progress=False, log=lambda *_: None)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  good = open(metrics).read()
+  with open(metrics, "a") as f:  # a row without its epoch: one line naming the file, before any training
+    f.write('{"step": 60}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl: row 2 has no integer 'epoch'"):
+    pipeline.train_and_evaluate(cfg, workdir, progress=False, log=lambda *_: None)
+  with open(metrics, "w") as f:  # the run was killed while writing epoch 2's row
+    f.write(good + '{"epoch": 2, "step": 1')
+  with pytest.warns(UserWarning, match="dropped a truncated last line"):
+    resumed = pipeline.train_and_evaluate(cfg, workdir, progress=False, log=lambda *_: None)
   full_state, _ = _final_params(full_dir, cfg)
   resumed_state, meta = _final_params(workdir, cfg)
   assert meta["epoch"] == 2
@@ -107,6 +116,31 @@ def test_short_natural_training_on_real_mnist_beats_chance(uninterrupted):
   saved = json.load(open(os.path.join(workdir, "results.json")))
   assert saved["natural_accuracy"] == results["natural_accuracy"]
   assert saved["config"]["model"]["ensembles"] == 2
+
+
+def test_load_run_restores_through_an_eval_shape_target_what_an_initialised_target_restores(uninterrupted):
+  cfg, workdir, _ = uninterrupted
+  _, _, variables, state = pipeline.load_run(workdir)
+  expected, _ = _final_params(workdir, cfg)  # restored into a compiled, initialised train state
+  chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(expected))
+  assert variables["params"] is state.params  # float run: the evaluated weights are the trained ones
+
+
+def test_ctrl_c_during_an_epoch_names_the_epoch_and_the_step():
+  mesh = train_lib.data_mesh(jax.devices()[:1])
+  calls = []
+
+  def step(state, images, labels):  # the third step of epoch 2 is interrupted
+    calls.append(1)
+    if len(calls) == 4 + 3:
+      raise KeyboardInterrupt
+    return state, {"loss": np.float32(1.0)}
+
+  images, labels = np.zeros((32, 28, 28, 1), np.uint8), np.zeros((32,), np.int32)
+  with pytest.raises(train_lib.Interrupted) as info:
+    train_lib.run_epochs(step, None, images, labels, cfg=config_lib.TrainConfig(epochs=3, batch_size=8),
+                         mesh=mesh, start_epoch=0, stop_epoch=3, progress=False)
+  assert info.value.where == "at epoch 2, step 3" and isinstance(info.value, KeyboardInterrupt)
 
 
 def test_finished_run_is_not_overwritten_and_other_config_is_refused(uninterrupted):

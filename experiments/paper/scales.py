@@ -23,13 +23,11 @@ import json
 import math
 
 from enquant import data as data_lib
-from enquant.config import EvalConfig, ExperimentConfig, QuantConfig, TrainConfig
-from enquant.losses import LossConfig
-from enquant.models.ensemble import ModelConfig
+from enquant import config as config_lib
+from enquant.config import ExperimentConfig
 from experiments.paper.tables import TABLES, Check, Row, Table, Trend, table
 
 SCALES = ("paper", "cpu", "gpu<E>")
-PAPER_EPS = 0.031
 # Binary-Relax schedule of the paper's runs (docs/DESIGN.md §3): lambda x1.05 per epoch, relaxed until epoch 80.
 BR_GROWTH, BR_RELAX_EPOCHS, PAPER_EPOCHS = 1.05, 80, 200
 
@@ -39,35 +37,9 @@ BR_GROWTH, BR_RELAX_EPOCHS, PAPER_EPOCHS = 1.05, 80, 200
 PAPER_NOISE_RNG = "hash"
 
 
-# replaced by enquant.config.preset at merge
 def protocol(dataset: str) -> ExperimentConfig:
-  """The paper's protocol for ``dataset`` (what ``python -m experiments.<dataset>`` trains by default).
-
-  Shared (EnResNet and BinaryRelax code, docs/DESIGN.md §3): ResNet20 with noise 0.1; 200 epochs, batch 128, SGD
-  (Nesterov 0.9) lr 0.1 x0.1 at epochs 80/120/160, weight decay 5e-4; PGD-10 training attack (eps 0.031,
-  step 0.007, random start, BatchNorm in train mode while crafting as the EnResNet code); BinaryRelax's
-  ``quantize_tnn`` ternary and ``quantize_fbit`` 4-bit projections; evaluation A1 (FGSM), A2 (IFGSM-20), A3
-  (CW-l_inf 50) at eps 0.031 on the whole test set, with EOT-5 variants for randomized models.
-  Per dataset: CIFAR-10 trains PGD-AT (Tables I-IV, VII); the others loss (6) with alpha = 1, beta = 8
-  (Table VIII); MNIST and Fashion-MNIST are also attacked at eps 0.1 and 0.3.
-  """
-  if dataset not in data_lib.DATASETS:
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(data_lib.DATASETS)}")
-  digits = dataset in ("mnist", "fmnist")
-  return ExperimentConfig(
-      dataset=dataset,
-      model=ModelConfig(num_classes=data_lib.DATASETS[dataset].num_classes, depth=20, noise_coef=0.1,
-                        noise_rng=PAPER_NOISE_RNG),
-      train=TrainConfig(epochs=PAPER_EPOCHS, batch_size=128, lr=0.1, lr_schedule="multistep",
-                        milestones=(0.4, 0.6, 0.8), weight_decay=5e-4, momentum=0.9),
-      loss=LossConfig(kind="at" if dataset == "cifar10" else "tradeoff", alpha=1.0, beta=8.0,
-                      eps=PAPER_EPS, step_size=0.007, steps=10, attack_bn="train"),
-      quant=QuantConfig(mode="float", ternary_method="br", mbit_method="bcgd", lambda0=1.0,
-                        growth=BR_GROWTH, growth_every_epochs=1.0,
-                        relax_fraction=BR_RELAX_EPOCHS / PAPER_EPOCHS),
-      eval=EvalConfig(attacks="a1,a2,a3", eps=PAPER_EPS, extra_eps=(0.1, 0.3) if digits else (),
-                      max_examples=0, eot_samples=5),
-  )
+  """The paper's protocol for ``dataset``: the library's preset (:func:`enquant.config.preset`)."""
+  return config_lib.preset(dataset)
 
 
 # --------------------------------------------------------------------------------------------- scales
