@@ -27,9 +27,14 @@ batch shape):
 
 Randomized models are counted two ways (both reported): ``robust`` is AutoAttack's own count, where an
 image is lost as soon as one noise draw misclassifies it (the clean pass, or the decision pass after any
-attack); ``robust_rescored`` re-scores the final ``x_adv`` (the adversarial point of a broken image, the
-clean image otherwise) with one fresh draw, as :mod:`enquant.evaluate` scores attacks. For deterministic
-models the two are equal.
+attack), so an image misclassified on the clean pass is never robust; ``robust_rescored`` re-scores the
+final ``x_adv`` (the adversarial point of a broken image, the clean image otherwise) with one fresh draw,
+as :mod:`enquant.evaluate` scores each attack (a per-draw count: an image the clean pass misclassified
+may be correct on the fresh draw). For deterministic models the two are equal.
+
+Progress: :func:`evaluate` shows a tqdm bar (images per pass, robust accuracy so far) and calls an
+optional ``callback`` with a :class:`Progress` after every chunk of the clean pass and of each attack;
+:func:`run` calls its ``progress`` callback after the clean pass and after each attack.
 
 Key schedule (``b`` the batch index; :func:`run` is batch 0): the clean pass uses
 ``fold_in(fold_in(key, 0), b)``, the re-scoring pass of the never-broken examples
@@ -37,8 +42,9 @@ Key schedule (``b`` the batch index; :func:`run` is batch 0): the clean pass use
 into its own key, its decision pass's and its re-scoring pass's (``stream`` a CRC of the name, so adding
 an attack changes no other number).
 
-Compared with the reference: FAB-T and Square are described in :mod:`enquant.fab` and
-:mod:`enquant.square`; APGD is :func:`enquant.attacks.apgd`'s core (its differences are listed there).
+Compared with the reference: FAB-T and Square are described in :mod:`enquant.attacks.fab` and
+:mod:`enquant.attacks.square`; APGD and APGD-T are :mod:`enquant.attacks.autopgd` (its differences are listed
+there).
 APGD's candidate for an example it did not break is the clean image, as in the reference (matters only
 for randomized models).
 
@@ -51,9 +57,6 @@ References:
 
 import dataclasses
 import functools
-import math
-import numbers
-import zlib
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -61,19 +64,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm.auto
 
-from enquant import attacks as attacks_lib
-from enquant import fab
-from enquant import square
-
-LogitsFn = Callable[[jax.Array, Any], jax.Array]
-
-# enquant-internal pieces shared with the other attack modules.
-_apgd_run = attacks_lib._apgd_run  # pylint: disable=protected-access
-_check_common = attacks_lib._check_common  # pylint: disable=protected-access
-_project = attacks_lib._project  # pylint: disable=protected-access
-_nth_largest_class = fab._nth_largest_class  # pylint: disable=protected-access
-_fab_t = fab._fab_t  # pylint: disable=protected-access
-_square_attack = square._square_attack  # pylint: disable=protected-access
+from enquant.attacks import autopgd
+from enquant.attacks import core
+from enquant.attacks import fab
+from enquant.attacks import square
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 VERSIONS = ("standard", "rand", "custom")
@@ -81,142 +75,6 @@ STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 RAND = ("apgd-ce", "apgd-dlr")
 RAND_EOT_SAMPLES = 20
 _RESERVED = ("clean", "robust", "robust_rescored", "autoattack", "autoattack_rescored", "n")
-
-
-# ----------------------------------------------------------------------------------------------------
-# APGD-T
-# ----------------------------------------------------------------------------------------------------
-
-
-def targeted_dlr_loss(logits: jax.Array, y: jax.Array, target: jax.Array) -> jax.Array:
-  """Targeted DLR loss ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` per example.
-
-  ``z_pi1 >= z_pi2 >= ...`` are the sorted logits. Shift- and scale-invariant in the logits.
-
-  Args:
-    logits: ``(batch, classes)`` logits, at least 4 classes.
-    y: ``(batch,)`` true labels.
-    target: ``(batch,)`` target classes.
-
-  Returns:
-    ``(batch,)`` losses (maximised by the attack).
-
-  Raises:
-    ValueError: with fewer than 4 classes (``z_pi4`` does not exist).
-
-  References:
-    Croce & Hein, ICML 2020, Section 4 (targeted DLR); AutoAttack's ``dlr_loss_targeted``.
-  """
-  if logits.ndim != 2 or logits.shape[-1] < 4:
-    raise ValueError(
-        f"the targeted DLR loss needs at least 4 classes, got logits of shape {logits.shape}")
-  rows = jnp.arange(logits.shape[0])
-  z_sorted = jnp.sort(logits, axis=-1)
-  return -(logits[rows, y] - logits[rows, target]) / (
-      z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
-
-
-def _expand(mask, x):
-  return mask.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-def _apgd_attack(logits_fn, x, y, active, *, eps, key, loss, steps, restarts, eot_samples, rho):
-  """APGD-CE/-DLR with sequential restarts on the examples still unbroken; ``(x_adv, found)``."""
-
-  def cond(state):
-    r, _, found = state
-    return (r < restarts) & jnp.any(active & ~found)
-
-  def body(state):
-    r, x_out, found = state
-    s = _apgd_run(logits_fn, x, y, eps=eps, steps=steps, key=jax.random.fold_in(key, r), loss=loss,
-                  eot_samples=eot_samples, rho=rho, random_start=True, unroll=False)
-    success = active & ~found & s.found
-    return r + 1, jnp.where(_expand(success, x), s.x_adv, x_out), found | success
-
-  init = (jnp.asarray(0, jnp.int32), x, jnp.zeros(x.shape[:1], bool))
-  _, x_out, found = jax.lax.while_loop(cond, body, init)
-  return x_out, found
-
-
-def _num_classes(logits_fn, x, key) -> int:
-  return jax.eval_shape(logits_fn, x, key).shape[-1]
-
-
-def _apgd_t(logits_fn, x, y, active, *, eps, key, steps, n_target_classes, eot_samples, rho):
-  """AutoAttack's APGD-T on the ``active`` examples; ``(x_adv, found)``, ``x`` where not found."""
-  num_classes = _num_classes(logits_fn, x, key)
-  if num_classes < 4:
-    raise ValueError(f"apgd-t needs at least 4 classes (targeted DLR), got {num_classes}")
-  targets = min(n_target_classes, num_classes - 1)
-
-  def cond(state):
-    t, _, found = state
-    return (t < targets) & jnp.any(active & ~found)
-
-  def body(state):
-    t, x_out, found = state
-    clean_key, run_key = jax.random.split(jax.random.fold_in(key, t))
-    target = _nth_largest_class(logits_fn(x, clean_key), t + 2)
-    s = _apgd_run(logits_fn, x, y, eps=eps, steps=steps, key=run_key, loss="dlr",
-                  eot_samples=eot_samples, rho=rho, random_start=True, unroll=False,
-                  loss_fn=functools.partial(targeted_dlr_loss, target=target))
-    success = active & ~found & s.found
-    return t + 1, jnp.where(_expand(success, x), s.x_adv, x_out), found | success
-
-  init = (jnp.asarray(0, jnp.int32), x, jnp.zeros(x.shape[:1], bool))
-  _, x_out, found = jax.lax.while_loop(cond, body, init)
-  return x_out, found
-
-
-def _check_int(value, name, minimum=1) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    raise ValueError(f"{name} must be a Python int >= {minimum}, got {value!r}")
-
-
-def _check_eps(eps, name) -> None:
-  if isinstance(eps, numbers.Real) and not (eps >= 0 and math.isfinite(eps)):
-    raise ValueError(f"{name}: eps must be finite and >= 0, got {eps}")
-
-
-def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, key, steps: int = 100,
-           n_target_classes: int = 9, eot_samples: int = 1, rho: float = 0.75) -> jax.Array:
-  """APGD-T as in AutoAttack: APGD on the targeted DLR loss towards each of the ``n_target_classes``
-  classes with the largest clean logits after the top one (one run each, random start), keeping the
-  first misclassified point found.
-
-  Examples misclassified at ``x`` are left alone. Targets: ``min(n_target_classes, classes - 1)``.
-
-  Args:
-    logits_fn: ``logits_fn(x, key) -> (batch, classes)`` logits (>= 4 classes), inference mode.
-    x: images in [0, 1] with a leading batch axis.
-    y: ``(batch,)`` int labels.
-    eps: l_inf radius (may be traced).
-    key: PRNG key (required: random starts).
-    steps: APGD iterations per target (100).
-    n_target_classes: number of targets (9).
-    eot_samples: noise draws each gradient is averaged over (EOT).
-    rho: APGD's step-size condition threshold.
-
-  Returns:
-    The adversarial images (``x`` where the attack failed), gradient stopped.
-
-  References:
-    Croce & Hein, ICML 2020 (APGD-T).
-  """
-  _check_common(x, y, eps, key, eot_samples, True, name="apgd_t")
-  _check_int(steps, "apgd_t: steps")
-  _check_int(n_target_classes, "apgd_t: n_target_classes")
-  clean_key, run_key = jax.random.split(key)
-  active = jnp.argmax(logits_fn(x, clean_key), axis=-1) == y
-  x_adv, _ = _apgd_t(logits_fn, x, y, active, eps=eps, key=run_key, steps=steps,
-                     n_target_classes=n_target_classes, eot_samples=eot_samples, rho=rho)
-  return jax.lax.stop_gradient(x_adv)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The ensemble
-# ----------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,8 +106,8 @@ class AutoAttackConfig:
 
   def __post_init__(self):
     for name in ("apgd_steps", "apgd_restarts", "n_target_classes", "fab_steps"):
-      _check_int(getattr(self, name), f"AutoAttackConfig.{name}")
-    _check_int(self.square_queries, "AutoAttackConfig.square_queries", minimum=0)
+      core.check_int(getattr(self, name), f"AutoAttackConfig.{name}")
+    core.check_int(self.square_queries, "AutoAttackConfig.square_queries", minimum=0)
     if not 0.0 < self.rho <= 1.0:
       raise ValueError(f"AutoAttackConfig.rho must be in (0, 1], got {self.rho}")
     if not 0.0 < self.square_p_init <= 1.0:
@@ -327,8 +185,8 @@ def default_eot_samples(version: str) -> int:
 
 
 def _stream(name: str) -> int:
-  """A stable 31-bit id (>= 2) of an attack name: its key stream."""
-  return zlib.crc32(name.encode()) % (2**31 - 3) + 2
+  """The key stream of an attack: ids 0 and 1 are the clean and re-scoring passes."""
+  return core.stream_id(name, first=2, size=2**31 - 3)
 
 
 def _candidate(attack, logits_fn, x, y, active, *, eps, key, config: AutoAttackConfig,
@@ -338,24 +196,26 @@ def _candidate(attack, logits_fn, x, y, active, *, eps, key, config: AutoAttackC
     x_adv = attack(logits_fn, x, y, eps=eps, key=key)
     found = active
   elif attack in ("apgd-ce", "apgd-dlr"):
-    x_adv, found = _apgd_attack(logits_fn, x, y, active, eps=eps, key=key, loss=attack[5:],
-                                steps=config.apgd_steps, restarts=config.apgd_restarts,
-                                eot_samples=eot_samples, rho=config.rho)
+    x_adv, found = autopgd.apgd_restarts(
+        logits_fn, x, y, active, eps=eps, key=key, loss=attack[5:], steps=config.apgd_steps,
+        restarts=config.apgd_restarts, eot_samples=eot_samples, rho=config.rho)
   elif attack == "apgd-t":
-    x_adv, found = _apgd_t(logits_fn, x, y, active, eps=eps, key=key, steps=config.apgd_steps,
-                           n_target_classes=config.n_target_classes, eot_samples=eot_samples,
-                           rho=config.rho)
+    x_adv, found = autopgd.apgd_t_run(
+        logits_fn, x, y, active, eps=eps, key=key, steps=config.apgd_steps,
+        n_target_classes=config.n_target_classes, eot_samples=eot_samples, rho=config.rho)
   elif attack == "fab-t":
-    x_adv, found = _fab_t(logits_fn, x, y, active, eps=eps, key=key,
-                          n_target_classes=config.n_target_classes, steps=config.fab_steps,
-                          alpha_max=config.fab_alpha_max, eta=config.fab_eta, beta=config.fab_beta)
+    x_adv, found = fab.fab_t_run(
+        logits_fn, x, y, active, eps=eps, key=key, n_target_classes=config.n_target_classes,
+        steps=config.fab_steps, alpha_max=config.fab_alpha_max, eta=config.fab_eta,
+        beta=config.fab_beta)
   elif attack == "square":
-    x_adv, found = _square_attack(logits_fn, x, y, active, eps=eps, key=key,
-                                  n_queries=config.square_queries, p_init=config.square_p_init)
+    x_adv, found = square.square_attack_run(logits_fn, x, y, active, eps=eps, key=key,
+                                            n_queries=config.square_queries,
+                                            p_init=config.square_p_init)
   else:
     raise ValueError(f"unknown attack {attack!r}")
-  x_adv = _project(x_adv, x, eps)
-  return jax.lax.stop_gradient(jnp.where(_expand(found, x), x_adv, x))
+  x_adv = core.project_ball(x_adv, x, eps)
+  return jax.lax.stop_gradient(jnp.where(core.expand(found, x), x_adv, x))
 
 
 def _correct(logits_fn, x, y, key):
@@ -376,33 +236,55 @@ def _attack_step(logits_fn, x, y, active, eps, key, *, attack, config, eot_sampl
           _correct(logits_fn, x_cand, y, rescore_key))
 
 
-def _as_partial(fn) -> jax.tree_util.Partial:
-  if isinstance(fn, jax.tree_util.Partial):
-    return fn
-  if not callable(fn):
-    raise ValueError(f"logits_fn must be callable, got {type(fn).__name__}")
-  return jax.tree_util.Partial(fn)
+class Progress(NamedTuple):
+  """What a progress callback receives after each chunk of work.
+
+  Attributes:
+    attack: ``"clean"`` for the clean pass, else the attack's name.
+    done: images this pass has finished so far.
+    total: images this pass works on (all images for the clean pass; those still robust for an attack).
+    robust: images robust so far (correct on the clean pass and after every attack so far).
+    n: images of the evaluation.
+  """
+
+  attack: str
+  done: int
+  total: int
+  robust: int
+  n: int
+
+
+ProgressFn = Callable[[Progress], None]
 
 
 def _resolve(version, attacks, eot_samples, config):
   seq = attack_list(version, attacks)
   eot = default_eot_samples(version) if eot_samples is None else eot_samples
-  _check_int(eot, "eot_samples")
+  core.check_int(eot, "eot_samples")
   config = AutoAttackConfig() if config is None else config
   if not isinstance(config, AutoAttackConfig):
     raise ValueError(f"config must be an AutoAttackConfig, got {type(config).__name__}")
   return seq, eot, config
 
 
-def run(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, key, version: str = "standard",
+def _check_shape(x, seq, name) -> None:
+  if any(attack == "square" for _, attack in seq):
+    core.check_images(x, name, " for Square (NHWC)")
+
+
+def run(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, key, version: str = "standard",
         attacks: Sequence | None = None, eot_samples: int | None = None,
-        config: AutoAttackConfig | None = None) -> AutoAttackResult:
+        config: AutoAttackConfig | None = None, progress: ProgressFn | None = None
+        ) -> AutoAttackResult:
   """AutoAttack on one batch (fixed shapes; jittable): the attacks in order, per-image worst case.
+
+  An example is robust only if it is classified correctly on the clean pass *and* survives every attack
+  (AutoAttack's count): an example misclassified on the clean pass is never robust.
 
   Args:
     logits_fn: ``logits_fn(x, key) -> (batch, classes)`` logits, the model in inference mode (pass a
       ``jax.tree_util.Partial`` to reuse compilations across weights).
-    x: images in [0, 1] with a leading batch axis (NHWC for Square).
+    x: images in [0, 1] with a leading batch axis (``(N, H, W, C)`` when Square runs).
     y: ``(batch,)`` int labels.
     eps: l_inf radius (may be traced).
     key: PRNG key (module docstring); required.
@@ -411,36 +293,45 @@ def run(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, key, version: s
     eot_samples: EOT samples of the gradient attacks (APGD-*); default 20 for ``"rand"``, else 1.
       FAB and Square never average (the reference has no EOT for them).
     config: attack settings (default: the reference's).
+    progress: called with a :class:`Progress` after the clean pass and after each attack (host-side:
+      leave it ``None`` when ``run`` is traced under ``jit`` or ``vmap``).
 
   Returns:
     An :class:`AutoAttackResult`.
 
   Raises:
-    ValueError: for bad arguments.
+    ValueError: for bad arguments (one line), e.g. non-image inputs when Square runs.
 
   References:
     Croce & Hein, ICML 2020 (AutoAttack).
   """
   seq, eot, config = _resolve(version, attacks, eot_samples, config)
-  _check_common(x, y, eps, key, eot, name="autoattack.run")
+  core.check_inputs(x, y, eps, key, eot, name="autoattack.run")
   if key is None:
     raise ValueError("autoattack.run needs a PRNG key")
-  fn = _as_partial(logits_fn)
+  _check_shape(x, seq, "autoattack.run")
+  fn = core.as_partial(logits_fn)
   eps = jnp.asarray(eps, jnp.float32)  # one compilation for Python and array radii
+  n = x.shape[0]
   clean = _correct_jit(fn, x, y, jax.random.fold_in(jax.random.fold_in(key, 0), 0))
+  if progress is not None:
+    progress(Progress("clean", n, n, int(jnp.sum(clean)), n))
   robust, x_adv = clean, x
   rescored = broken_any = jnp.zeros(x.shape[:1], bool)
   accuracy = {"clean": jnp.mean(clean)}
   for name, attack in seq:
     step_key = jax.random.fold_in(jax.random.fold_in(key, _stream(name)), 0)
+    todo = n if progress is None else int(jnp.sum(robust))
     x_cand, ok, ok_rescore = _attack_step(fn, x, y, robust, eps, step_key, attack=attack,
                                           config=config, eot_samples=eot)
     broken = robust & ~ok
-    x_adv = jnp.where(_expand(broken, x), x_cand, x_adv)
+    x_adv = jnp.where(core.expand(broken, x), x_cand, x_adv)
     rescored = jnp.where(broken, ok_rescore, rescored)
     broken_any = broken_any | broken
     robust = robust & ~broken
     accuracy[name] = jnp.mean(robust)
+    if progress is not None:
+      progress(Progress(name, todo, todo, int(jnp.sum(robust)), n))
   fresh = _correct_jit(fn, x, y, jax.random.fold_in(jax.random.fold_in(key, 1), 0))
   rescored = jnp.where(broken_any, rescored, fresh)
   return AutoAttackResult(x_adv, robust, rescored, clean, accuracy)
@@ -465,12 +356,6 @@ def _check_data(images, labels) -> tuple[np.ndarray, np.ndarray]:
   return images, labels.astype(np.int32)
 
 
-def _to_float(batch: np.ndarray) -> np.ndarray:
-  if batch.dtype == np.uint8:
-    return batch.astype(np.float32) / np.float32(255.0)
-  return batch.astype(np.float32)
-
-
 def _batches(indices: np.ndarray, batch_size: int):
   """``(b, idx_padded, valid)`` over ``indices``; the last batch is padded (repeating its own indices)
   to the next power of two (at most ``batch_size``), so each attack compiles for few shapes."""
@@ -481,25 +366,84 @@ def _batches(indices: np.ndarray, batch_size: int):
     yield b, chunk[np.arange(size) % valid], valid
 
 
-def evaluate(logits_fn: LogitsFn, images, labels, *, eps: float, key, version: str = "standard",
+class _Tracker:
+  """Per-example state of :func:`evaluate` on the host, and its progress reports (bar and callback)."""
+
+  def __init__(self, images, labels, n, bar, callback):
+    self.images, self.labels, self.n = images, labels, n
+    self.clean = np.zeros(n, bool)
+    self.robust = np.zeros(n, bool)
+    self.rescored = np.zeros(n, bool)
+    self.broken_any = np.zeros(n, bool)
+    self.bar, self.callback = bar, callback
+
+  def inputs(self, idx):
+    return jnp.asarray(core.to_float(self.images[idx])), jnp.asarray(self.labels[idx])
+
+  def report(self, attack, done, total, valid):
+    self.bar.update(valid)
+    self.bar.set_postfix({"robust": f"{self.robust.mean():.4f}"}, refresh=False)
+    if self.callback is not None:
+      self.callback(Progress(attack, done, total, int(self.robust.sum()), self.n))
+
+
+def _clean_pass(t: _Tracker, fn, key, batch_size):
+  done = 0
+  for b, idx, valid in _batches(np.arange(t.n), batch_size):
+    ok = _correct_jit(fn, *t.inputs(idx), jax.random.fold_in(key, b))
+    t.clean[idx[:valid]] = np.asarray(ok)[:valid]
+    t.robust[idx[:valid]] = t.clean[idx[:valid]]
+    done += valid
+    t.report("clean", done, t.n, valid)
+
+
+def _attack_pass(t: _Tracker, fn, name, attack, *, key, eps, batch_size, config, eot):
+  todo = np.flatnonzero(t.robust)
+  t.bar.total += len(todo)
+  t.bar.set_description(f"autoattack {name}", refresh=True)
+  done = 0
+  for b, idx, valid in _batches(todo, batch_size):
+    x, y = t.inputs(idx)
+    _, ok, ok_rescore = _attack_step(fn, x, y, jnp.ones(len(idx), bool), eps,
+                                     jax.random.fold_in(key, b), attack=attack, config=config,
+                                     eot_samples=eot)
+    broken = ~np.asarray(ok)[:valid]
+    hit = idx[:valid][broken]
+    t.robust[hit] = False
+    t.broken_any[hit] = True
+    t.rescored[hit] = np.asarray(ok_rescore)[:valid][broken]
+    done += valid
+    t.report(name, done, len(todo), valid)
+
+
+def _rescore_pass(t: _Tracker, fn, key, batch_size):
+  for b, idx, valid in _batches(np.flatnonzero(~t.broken_any), batch_size):
+    ok = _correct_jit(fn, *t.inputs(idx), jax.random.fold_in(key, b))
+    t.rescored[idx[:valid]] = np.asarray(ok)[:valid]
+
+
+def evaluate(logits_fn: core.LogitsFn, images, labels, *, eps: float, key, version: str = "standard",
              attacks: Sequence | None = None, eot_samples: int | None = None,
-             config: AutoAttackConfig | None = None, batch_size: int = 256, progress: bool = True
+             config: AutoAttackConfig | None = None, batch_size: int = 256, progress: bool = True,
+             callback: ProgressFn | None = None
              ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """AutoAttack over a dataset: robust accuracy after each attack and per-example masks.
 
   Between attacks the still-robust examples are gathered on the host and attacked in batches of
-  ``batch_size`` (module docstring), like the reference's ``run_standard_evaluation``.
+  ``batch_size`` (module docstring), like the reference's ``run_standard_evaluation``. Robust means
+  correct on the clean pass and after every attack (AutoAttack's count).
 
   Args:
     logits_fn: ``logits_fn(x, key) -> logits``, inference mode (a ``jax.tree_util.Partial`` reuses
       compilations across weights).
-    images: ``(N, ...)`` uint8 (scaled by 1/255) or float in [0, 1].
+    images: ``(N, ...)`` uint8 (scaled by 1/255) or float in [0, 1]; ``(N, H, W, C)`` when Square runs.
     labels: ``(N,)`` int labels.
     eps: l_inf radius.
     key: PRNG key of the evaluation (record it with the results).
     version, attacks, eot_samples, config: as :func:`run`.
     batch_size: examples per jitted call.
-    progress: show a tqdm bar (one unit per attacked image).
+    progress: show a tqdm bar (one unit per image of each pass, robust accuracy so far).
+    callback: called with a :class:`Progress` after every chunk of the clean pass and of each attack.
 
   Returns:
     ``(accuracy, masks)``: ``accuracy = {"clean": acc, <attack>: robust accuracy after it, ...,
@@ -508,63 +452,36 @@ def evaluate(logits_fn: LogitsFn, images, labels, *, eps: float, key, version: s
     ``"robust_rescored"`` for the last two.
 
   Raises:
-    ValueError: for bad arguments or data.
+    ValueError: for bad arguments or data (one line).
   """
   seq, eot, config = _resolve(version, attacks, eot_samples, config)
   images, labels = _check_data(images, labels)
-  _check_int(batch_size, "batch_size")
-  _check_eps(eps, "autoattack.evaluate")
+  core.check_int(batch_size, "batch_size")
+  core.check_eps(eps, "autoattack.evaluate")
   if key is None:
     raise ValueError("autoattack.evaluate needs an explicit PRNG key (record it with the results)")
-  fn = _as_partial(logits_fn)
+  _check_shape(images, seq, "autoattack.evaluate")
+  fn = core.as_partial(logits_fn)
   eps = jnp.float32(eps)
   n = images.shape[0]
-  clean = np.zeros(n, bool)
-  rescored = np.zeros(n, bool)
-  broken_any = np.zeros(n, bool)
   masks: dict[str, np.ndarray] = {}
-
-  def inputs(idx):
-    return jnp.asarray(_to_float(images[idx])), jnp.asarray(labels[idx])
-
   bar = tqdm.auto.tqdm(total=n, desc="autoattack clean", unit="img", disable=not progress,
                        dynamic_ncols=True)
+  t = _Tracker(images, labels, n, bar, callback)
   try:
-    clean_key = jax.random.fold_in(key, 0)
-    for b, idx, valid in _batches(np.arange(n), batch_size):
-      ok = _correct_jit(fn, *inputs(idx), jax.random.fold_in(clean_key, b))
-      clean[idx[:valid]] = np.asarray(ok)[:valid]
-      bar.update(valid)
-    masks["clean"] = clean.copy()
-    robust = clean.copy()
+    _clean_pass(t, fn, jax.random.fold_in(key, 0), batch_size)
+    masks["clean"] = t.clean.copy()
     for name, attack in seq:
-      todo = np.flatnonzero(robust)
-      bar.total += len(todo)
-      bar.set_description(f"autoattack {name}", refresh=True)
-      stream_key = jax.random.fold_in(key, _stream(name))
-      for b, idx, valid in _batches(todo, batch_size):
-        x, y = inputs(idx)
-        _, ok, ok_rescore = _attack_step(fn, x, y, jnp.ones(len(idx), bool), eps,
-                                         jax.random.fold_in(stream_key, b), attack=attack,
-                                         config=config, eot_samples=eot)
-        broken = ~np.asarray(ok)[:valid]
-        hit = idx[:valid][broken]
-        robust[hit] = False
-        broken_any[hit] = True
-        rescored[hit] = np.asarray(ok_rescore)[:valid][broken]
-        bar.update(valid)
-        bar.set_postfix({"robust": f"{robust.mean():.4f}"}, refresh=False)
-      masks[name] = robust.copy()
-    rescore_key = jax.random.fold_in(key, 1)
-    for b, idx, valid in _batches(np.flatnonzero(~broken_any), batch_size):
-      ok = _correct_jit(fn, *inputs(idx), jax.random.fold_in(rescore_key, b))
-      rescored[idx[:valid]] = np.asarray(ok)[:valid]
+      _attack_pass(t, fn, name, attack, key=jax.random.fold_in(key, _stream(name)), eps=eps,
+                   batch_size=batch_size, config=config, eot=eot)
+      masks[name] = t.robust.copy()
+    _rescore_pass(t, fn, jax.random.fold_in(key, 1), batch_size)
   finally:
     bar.close()
-  masks["robust"] = robust
-  masks["robust_rescored"] = rescored
+  masks["robust"] = t.robust
+  masks["robust_rescored"] = t.rescored
   accuracy = {k: float(v.mean()) for k, v in masks.items() if k not in ("robust", "robust_rescored")}
-  accuracy.update(autoattack=float(robust.mean()), autoattack_rescored=float(rescored.mean()), n=n)
+  accuracy.update(autoattack=float(t.robust.mean()), autoattack_rescored=float(t.rescored.mean()), n=n)
   return accuracy, masks
 
 
@@ -578,6 +495,6 @@ def describe(version: str = "standard", attacks: Sequence | None = None,
 
 
 __all__ = [
-    "ATTACKS", "AutoAttackConfig", "AutoAttackResult", "RAND", "STANDARD", "VERSIONS", "apgd_t",
-    "attack_list", "default_eot_samples", "describe", "evaluate", "run", "targeted_dlr_loss",
+    "ATTACKS", "AutoAttackConfig", "AutoAttackResult", "Progress", "RAND", "STANDARD", "VERSIONS",
+    "attack_list", "default_eot_samples", "describe", "evaluate", "run",
 ]
