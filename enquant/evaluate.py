@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import re
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ import tqdm.auto
 
 from enquant import attacks, evalfiles
 
-LogitsFn = Callable[[jax.Array, Any], jax.Array]
+LogitsFn = attacks.LogitsFn
 
 KINDS = ("none", "fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr")
 

@@ -9,7 +9,7 @@ Modules by topic, on one public core:
   - :mod:`~enquant.attacks.carlini_wagner`: the EnResNet code's C&W (L2, Adam, rescaled to eps);
   - :mod:`~enquant.attacks.fab`, :mod:`~enquant.attacks.square`: FAB-T and Square;
   - :mod:`~enquant.attacks.autoattack`: AutoAttack (``autoattack.run`` on a batch,
-    ``autoattack.evaluate`` on a dataset).
+    ``autoattack.evaluate`` on a dataset; its settings in :mod:`~enquant.attacks.autoattack_settings`).
 
 Example::
 
@@ -20,6 +20,7 @@ Example::
 """
 
 from enquant.attacks import autoattack
+from enquant.attacks import autoattack_settings
 from enquant.attacks import autopgd
 from enquant.attacks import carlini_wagner
 from enquant.attacks import core
@@ -36,7 +37,7 @@ from enquant.attacks.objectives import (cross_entropy, dlr_loss, margin, neg_mar
 
 __all__ = [
     "APGDState", "APGD_LOSSES", "LogitsFn", "PAPER_EPS", "PGD_LOSSES", "apgd", "apgd_checkpoints",
-    "apgd_run", "apgd_t", "autoattack", "autopgd", "carlini_wagner", "core", "cross_entropy", "cw_l2",
-    "cw_l2_rescaled", "cw_linf", "dlr_loss", "fab", "fgsm", "fgsm_pgd", "margin", "neg_margin",
-    "objectives", "pgd", "square", "targeted_dlr_loss",
+    "apgd_run", "apgd_t", "autoattack", "autoattack_settings", "autopgd", "carlini_wagner", "core",
+    "cross_entropy", "cw_l2", "cw_l2_rescaled", "cw_linf", "dlr_loss", "fab", "fgsm", "fgsm_pgd",
+    "margin", "neg_margin", "objectives", "pgd", "square", "targeted_dlr_loss",
 ]

@@ -55,70 +55,22 @@ References:
   standardized adversarial robustness benchmark", NeurIPS 2021 Datasets and Benchmarks.
 """
 
-import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm.auto
 
+from enquant.attacks import autoattack_settings as settings
 from enquant.attacks import autopgd
 from enquant.attacks import core
 from enquant.attacks import fab
 from enquant.attacks import square
-
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
-VERSIONS = ("standard", "rand", "custom")
-STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
-RAND = ("apgd-ce", "apgd-dlr")
-RAND_EOT_SAMPLES = 20
-_RESERVED = ("clean", "robust", "robust_rescored", "autoattack", "autoattack_rescored", "n")
-
-
-@dataclasses.dataclass(frozen=True)
-class AutoAttackConfig:
-  """Settings of the attacks (defaults: the reference's standard version).
-
-  Attributes:
-    apgd_steps: APGD iterations (APGD-CE, APGD-DLR, and per target of APGD-T).
-    apgd_restarts: sequential restarts of APGD-CE/-DLR on the examples still unbroken (1 in the
-      standard and rand versions; APGD-T runs once per target, as in the reference).
-    rho: APGD's step-size condition threshold.
-    n_target_classes: targets of APGD-T and FAB-T.
-    fab_steps: FAB iterations per target.
-    fab_alpha_max, fab_eta, fab_beta: FAB's step parameters.
-    square_queries: Square's query budget (after the first query).
-    square_p_init: Square's initial window fraction.
-  """
-
-  apgd_steps: int = 100
-  apgd_restarts: int = 1
-  rho: float = 0.75
-  n_target_classes: int = 9
-  fab_steps: int = fab.STEPS
-  fab_alpha_max: float = fab.ALPHA_MAX
-  fab_eta: float = fab.ETA
-  fab_beta: float = fab.BETA
-  square_queries: int = square.N_QUERIES
-  square_p_init: float = square.P_INIT
-
-  def __post_init__(self):
-    for name in ("apgd_steps", "apgd_restarts", "n_target_classes", "fab_steps"):
-      core.check_int(getattr(self, name), f"AutoAttackConfig.{name}")
-    core.check_int(self.square_queries, "AutoAttackConfig.square_queries", minimum=0)
-    if not 0.0 < self.rho <= 1.0:
-      raise ValueError(f"AutoAttackConfig.rho must be in (0, 1], got {self.rho}")
-    if not 0.0 < self.square_p_init <= 1.0:
-      raise ValueError(f"AutoAttackConfig.square_p_init must be in (0, 1], got {self.square_p_init}")
-    if not (0.0 <= self.fab_alpha_max <= 1.0 and 0.0 <= self.fab_beta <= 1.0 and self.fab_eta >= 1.0):
-      raise ValueError("AutoAttackConfig: need 0 <= fab_alpha_max <= 1, 0 <= fab_beta <= 1, "
-                       f"fab_eta >= 1; got {self.fab_alpha_max}, {self.fab_beta}, {self.fab_eta}")
-
-  def to_dict(self) -> dict[str, Any]:
-    """The settings as a JSON-ready dict."""
-    return dataclasses.asdict(self)
+from enquant.attacks.autoattack_settings import (ATTACKS, RAND, RAND_EOT_SAMPLES, STANDARD, VERSIONS,
+                                                 AutoAttackConfig, attack_list, default_eot_samples,
+                                                 describe)
 
 
 class AutoAttackResult(NamedTuple):
@@ -139,49 +91,6 @@ class AutoAttackResult(NamedTuple):
   robust_rescored: jax.Array
   clean: jax.Array
   accuracy: dict[str, jax.Array]
-
-
-def attack_list(version: str = "standard", attacks: Sequence | None = None
-                ) -> tuple[tuple[str, str | Callable], ...]:
-  """The attacks of a version, as ``((name, kind_or_fn), ...)`` in order.
-
-  Args:
-    version: ``"standard"``, ``"rand"`` or ``"custom"``.
-    attacks: for ``"custom"`` only: names from :data:`ATTACKS` and/or ``(name, fn)`` pairs.
-
-  Raises:
-    ValueError: for an unknown version or attack, duplicates, or ``attacks`` with another version
-      (as the reference, which would silently override them).
-  """
-  if version not in VERSIONS:
-    raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
-  if version != "custom":
-    if attacks is not None:
-      raise ValueError(f"attacks are set by version={version!r}; use version='custom' to choose them")
-    return tuple((n, n) for n in (STANDARD if version == "standard" else RAND))
-  if attacks is None or isinstance(attacks, str) or len(attacks) == 0:
-    raise ValueError(f"version='custom' needs a non-empty sequence of attacks, got {attacks!r}")
-  out = []
-  for entry in attacks:
-    if isinstance(entry, str):
-      if entry not in ATTACKS:
-        raise ValueError(f"unknown attack {entry!r}; expected one of {ATTACKS} or a (name, fn) pair")
-      out.append((entry, entry))
-    elif (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
-          and callable(entry[1])):
-      out.append(entry)
-    else:
-      raise ValueError(f"an attack is a name from {ATTACKS} or a (name, fn) pair, got {entry!r}")
-  names = [n for n, _ in out]
-  bad = sorted({n for n in names if names.count(n) > 1 or n in _RESERVED})
-  if bad:
-    raise ValueError(f"attack names must be unique and not one of {_RESERVED}: {bad}")
-  return tuple(out)
-
-
-def default_eot_samples(version: str) -> int:
-  """EOT samples of a version's gradient attacks: 20 for ``"rand"``, else 1."""
-  return RAND_EOT_SAMPLES if version == "rand" else 1
 
 
 def _stream(name: str) -> int:
@@ -257,16 +166,6 @@ class Progress(NamedTuple):
 ProgressFn = Callable[[Progress], None]
 
 
-def _resolve(version, attacks, eot_samples, config):
-  seq = attack_list(version, attacks)
-  eot = default_eot_samples(version) if eot_samples is None else eot_samples
-  core.check_int(eot, "eot_samples")
-  config = AutoAttackConfig() if config is None else config
-  if not isinstance(config, AutoAttackConfig):
-    raise ValueError(f"config must be an AutoAttackConfig, got {type(config).__name__}")
-  return seq, eot, config
-
-
 def _check_shape(x, seq, name) -> None:
   if any(attack == "square" for _, attack in seq):
     core.check_images(x, name, " for Square (NHWC)")
@@ -305,7 +204,7 @@ def run(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, key, versi
   References:
     Croce & Hein, ICML 2020 (AutoAttack).
   """
-  seq, eot, config = _resolve(version, attacks, eot_samples, config)
+  seq, eot, config = settings.resolve(version, attacks, eot_samples, config)
   core.check_inputs(x, y, eps, key, eot, name="autoattack.run")
   if key is None:
     raise ValueError("autoattack.run needs a PRNG key")
@@ -397,6 +296,19 @@ def _clean_pass(t: _Tracker, fn, key, batch_size):
     t.report("clean", done, t.n, valid)
 
 
+_SEEN: set = set()  # (attack, config, eot_samples, batch shape) compiled in this process
+
+
+def _announce_compile(t: _Tracker, name, attack, config, eot, shape) -> None:
+  """One plain line before an attack program is first compiled in this process (it can take minutes)."""
+  signature = (attack, config, eot, shape)
+  if signature not in _SEEN:
+    _SEEN.add(signature)
+    if not t.bar.disable:
+      t.bar.write(f"compiling the {name} program for batches of {shape[0]} (first use; cached "
+                  "afterwards)")
+
+
 def _attack_pass(t: _Tracker, fn, name, attack, *, key, eps, batch_size, config, eot):
   todo = np.flatnonzero(t.robust)
   t.bar.total += len(todo)
@@ -404,6 +316,7 @@ def _attack_pass(t: _Tracker, fn, name, attack, *, key, eps, batch_size, config,
   done = 0
   for b, idx, valid in _batches(todo, batch_size):
     x, y = t.inputs(idx)
+    _announce_compile(t, name, attack, config, eot, x.shape)
     _, ok, ok_rescore = _attack_step(fn, x, y, jnp.ones(len(idx), bool), eps,
                                      jax.random.fold_in(key, b), attack=attack, config=config,
                                      eot_samples=eot)
@@ -454,7 +367,7 @@ def evaluate(logits_fn: core.LogitsFn, images, labels, *, eps: float, key, versi
   Raises:
     ValueError: for bad arguments or data (one line).
   """
-  seq, eot, config = _resolve(version, attacks, eot_samples, config)
+  seq, eot, config = settings.resolve(version, attacks, eot_samples, config)
   images, labels = _check_data(images, labels)
   core.check_int(batch_size, "batch_size")
   core.check_eps(eps, "autoattack.evaluate")
@@ -485,16 +398,8 @@ def evaluate(logits_fn: core.LogitsFn, images, labels, *, eps: float, key, versi
   return accuracy, masks
 
 
-def describe(version: str = "standard", attacks: Sequence | None = None,
-             eot_samples: int | None = None, config: AutoAttackConfig | None = None
-             ) -> dict[str, Any]:
-  """The settings of a run as a JSON-ready dict (for results files)."""
-  seq, eot, config = _resolve(version, attacks, eot_samples, config)
-  return {"version": version, "attacks": [name for name, _ in seq], "eot_samples": eot,
-          "config": config.to_dict()}
-
-
 __all__ = [
-    "ATTACKS", "AutoAttackConfig", "AutoAttackResult", "Progress", "RAND", "STANDARD", "VERSIONS",
+    "ATTACKS", "AutoAttackConfig", "AutoAttackResult", "Progress", "RAND", "RAND_EOT_SAMPLES", "STANDARD",
+    "VERSIONS",
     "attack_list", "default_eot_samples", "describe", "evaluate", "run",
 ]
