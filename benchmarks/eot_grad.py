@@ -10,6 +10,7 @@ gradients per second (batch x EOT samples per call). Also checks that the two gr
 """
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -84,12 +85,15 @@ def main(argv):
   g_old, g_new = fns["vmap_grad_then_mean"](x, y, key)[0], fns["grad_of_eot_mean"](x, y, key)[0]
   rel = float(jnp.max(jnp.abs(g_old - g_new)) / jnp.max(jnp.abs(g_old)))
   sign = float(jnp.mean(jnp.sign(g_old) == jnp.sign(g_new)))
+  load_before = os.getloadavg()[0]
   times = _interleaved(fns, (x, y, key), FLAGS.rounds, FLAGS.calls)
   rate = {n: b * k / statistics.median(t) for n, t in times.items()}
   per_round = [o / n for o, n in zip(times["vmap_grad_then_mean"], times["grad_of_eot_mean"])]
   result = {
       "command": "python -m benchmarks.eot_grad " + " ".join(sys.argv[1:]),
-      "cpu": _cpu_model(), "device": f"{jax.device_count()}x {jax.default_backend()}",
+      "cpu": _cpu_model(), "cpu_cores": os.cpu_count(),
+      "load_average_1min": [load_before, os.getloadavg()[0]],
+      "device": f"{jax.device_count()}x {jax.default_backend()}",
       "model": f"En{FLAGS.ensembles}ResNet{FLAGS.depth} widths {cfg.widths}", "image": [s, s, 1],
       "batch": b, "eot_samples": k, "rounds": FLAGS.rounds, "calls_per_round": FLAGS.calls,
       "input_gradients_per_second": rate,
@@ -111,7 +115,9 @@ def _markdown(r: dict) -> str:
   lo, hi = min(r["speedup_per_round"]), max(r["speedup_per_round"])
   return (
       f"# EOT-{r['eot_samples']} input gradients: gradient of the EOT mean vs mean of vmapped gradients\n\n"
-      f"Command: `{r['command']}`  \nHardware: {r['cpu']} ({r['device']})  \n"
+      f"Command: `{r['command']}`  \nHardware: {r['cpu']}, {r['cpu_cores']} cores ({r['device']}); "
+      f"1-minute load average {r['load_average_1min'][0]:.1f} before and "
+      f"{r['load_average_1min'][1]:.1f} after the timed rounds (a shared machine)  \n"
       f"Model: {r['model']}, {r['image'][0]}x{r['image'][1]}x1 images, batch {r['batch']}; "
       f"median of {r['rounds']} interleaved rounds of {r['calls_per_round']} calls.\n\n"
       "| variant | input gradients / s |\n|---|---|\n"
