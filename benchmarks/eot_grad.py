@@ -1,6 +1,6 @@
 """EOT input-gradient rate: the gradient of the EOT mean loss against the mean of vmapped gradients.
 
-    python -m benchmarks.eot_grad                  # the demo's En2ResNet8 (widths 8/16/32), 28x28x1, batch 64
+    python -m benchmarks.eot_grad                  # the demo's En2ResNet8 (8/16/32), 28x28x1, batch 64
     python -m benchmarks.eot_grad --eot=10 --rounds=7 --out=results/bench/eot_grad
 
 Both gradients (:func:`enquant.attacks.core.eot_loss_grad` and its vmapped reference
@@ -28,7 +28,7 @@ flags.DEFINE_integer("ensembles", 2, "Members.")
 flags.DEFINE_integer("batch", 64, "Images per gradient.")
 flags.DEFINE_integer("size", 28, "Image height and width (1 channel).")
 flags.DEFINE_integer("eot", 10, "EOT samples per gradient.")
-flags.DEFINE_integer("rounds", 7, "Timed rounds (median reported); each round calls each variant --calls times.")
+flags.DEFINE_integer("rounds", 7, "Timed rounds (median reported).")
 flags.DEFINE_integer("calls", 3, "Calls per variant per round.")
 flags.DEFINE_string("out", "", "Write <out>.json and <out>.md (e.g. results/bench/eot_grad).")
 FLAGS = flags.FLAGS

@@ -147,7 +147,7 @@ def paired_forward(model, params, batch_stats, x, x_adv, k_nat, k_adv):
   sequential passes, ``s2 = m * s1 + (1 - m) * b'`` with ``s1 = m * s0 + (1 - m) * b``, are rebuilt from the
   two single-pass updates ``r = m * s0 + (1 - m) * b`` and ``r' = m * s0 + (1 - m) * b'`` of the same
   ``s0`` as ``s2 = m * r + r' - m * s0``. Why: the compiled step holds one copy of the network instead of
-  two (the trade-off train step compiles ~14 % faster on the CPU, BUILD_NOTES.md), and accelerators see one
+  two (the trade-off train step compiles ~14 % faster on a CPU), and accelerators see one
   batch of 2B images.
   """
   m = resnet.BN_MOMENTUM

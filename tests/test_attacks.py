@@ -440,7 +440,7 @@ def test_bad_arguments_raise_clear_errors(binary):
 
 
 def _noisy_conv_net(seed):
-  """conv -> EnResNet's noise (``resnet.add_noise``: std of the whole tensor) -> relu -> conv -> dense."""
+  """conv -> EnResNet's noise (``resnet.add_noise``, std of the whole tensor) -> relu -> conv -> dense."""
   from enquant.models import resnet  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   k1, k2 = (jnp.asarray(rng.normal(0, 0.5, s), jnp.float32) for s in ((3, 3, 3, 4), (3, 3, 4, 4)))
@@ -475,7 +475,8 @@ def test_stream_ids_reproduce_both_evaluations_key_streams():
   from enquant.attacks import autoattack  # pylint: disable=g-import-not-at-top
   for name in ("a1", "apgd-ce", "square", "none-r3"):
     crc = zlib.crc32(name.encode())
-    assert attacks.core.stream_id(name) == crc % (2**31 - 1) + 1 == evaluate._stream(name)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    assert attacks.core.stream_id(name) == crc % (2**31 - 1) + 1 == evaluate._stream(name)
     assert autoattack._stream(name) == crc % (2**31 - 3) + 2  # pylint: disable=protected-access
 
 

@@ -188,7 +188,7 @@ def test_adversarial_training_is_more_robust_than_natural_training():
     robust[kind] = (float(jnp.mean(jnp.argmax(fn(x, k), -1) == y)),
                     float(jnp.mean(jnp.argmax(fn(x_adv, k), -1) == y)))
   # Same model size, same data, same images and keys: the adversarially trained model keeps clearly more
-  # accuracy under PGD-10 at eps 0.2 (measured: see BUILD_NOTES.md).
+  # accuracy under PGD-10 at eps 0.2.
   print("clean, PGD-10 accuracy:", robust)
   assert robust["tradeoff"][1] > robust["natural"][1] + 0.15, robust
   assert robust["natural"][0] > 0.5, robust

@@ -43,8 +43,8 @@ into its own key, its decision pass's and its re-scoring pass's (``stream`` a CR
 an attack changes no other number).
 
 Compared with the reference: FAB-T and Square are described in :mod:`enquant.attacks.fab` and
-:mod:`enquant.attacks.square`; APGD and APGD-T are :mod:`enquant.attacks.autopgd` (its differences are listed
-there).
+:mod:`enquant.attacks.square`; APGD and APGD-T are :mod:`enquant.attacks.autopgd` (its differences
+are listed there).
 APGD's candidate for an example it did not break is the clean image, as in the reference (matters only
 for randomized models).
 
@@ -399,7 +399,6 @@ def evaluate(logits_fn: core.LogitsFn, images, labels, *, eps: float, key, versi
 
 
 __all__ = [
-    "ATTACKS", "AutoAttackConfig", "AutoAttackResult", "Progress", "RAND", "RAND_EOT_SAMPLES", "STANDARD",
-    "VERSIONS",
-    "attack_list", "default_eot_samples", "describe", "evaluate", "run",
+    "ATTACKS", "AutoAttackConfig", "AutoAttackResult", "Progress", "RAND", "RAND_EOT_SAMPLES",
+    "STANDARD", "VERSIONS", "attack_list", "default_eot_samples", "describe", "evaluate", "run",
 ]

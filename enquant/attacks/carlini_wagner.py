@@ -13,19 +13,20 @@ rate per step, 50 steps leave ``|w - x| <= ~0.03`` and the final perturbation is
 weak attack, far from the l_inf ball's surface.
 
 Differences from that script: batched (Adam is elementwise and the objective a sum over examples, so
-every example follows its own trajectory); ``y`` is the label (the script uses the clean prediction,
-equal for every correctly classified image); the objective is recorded at the point it is computed at
-(the script stores the iterate after the Adam step with the loss of the one before); the result is
-projected onto the eps-ball and [0, 1] (the script does not clip; the projection only acts when
-``|w - x| > 1`` or the image leaves [0, 1]); explicit keys (one noise draw per step,
+every example follows its own trajectory); ``y`` is the label and the target the class with the
+largest clean logit other than ``y`` (the script uses the clean prediction and the second-largest
+logit: the same classes for every correctly classified image); the objective is recorded at the point
+it is computed at (the script stores the iterate after the Adam step with the loss of the one before);
+the result is projected onto the eps-ball and [0, 1] (the script does not clip; the projection only
+acts when ``|w - x| > 1`` or the image leaves [0, 1]); explicit keys (one noise draw per step,
 ``split(loop_key, steps)[i]``, and the target's clean pass on ``start_key``, as
 :func:`enquant.attacks.core.key_schedule`), and EOT over ``eot_samples`` draws if asked (the script has
 none).
 
 References:
   Carlini & Wagner, "Towards evaluating the robustness of neural networks", IEEE S&P 2017 (L2 attack).
-  Wang, Yin, Osher et al., "ResNets ensemble via the Feynman-Kac formalism to improve natural and robust
-  accuracies", NeurIPS 2019 (EnResNet; the attack script of its code).
+  Wang, Yuan, Shi & Osher, "ResNets ensemble via the Feynman-Kac formalism to improve natural and
+  robust accuracies", NeurIPS 2019 (EnResNet; the attack script of its code).
 """
 
 from typing import NamedTuple
@@ -35,7 +36,6 @@ import jax.numpy as jnp
 import optax
 
 from enquant.attacks import core
-from enquant.attacks import objectives
 
 LEARNING_RATE = 0.0006
 STEPS = 50
@@ -87,9 +87,9 @@ def cw_l2(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, key=None,
   """
   _check(x, y, key, eot_samples, steps, learning_rate, c, kappa, "cw_l2")
   start_key, step_keys = core.key_schedule(key, steps)
-  target = objectives.nth_largest_class(jnp.where(
-      jax.nn.one_hot(y, _classes(logits_fn, x, start_key), dtype=bool), -jnp.inf,
-      logits_fn(x, start_key)), 1)
+  clean = logits_fn(x, start_key)
+  target = jnp.argmax(jnp.where(jax.nn.one_hot(y, clean.shape[-1], dtype=bool), -jnp.inf, clean),
+                      axis=-1)
 
   def hinge(logits, labels):
     rows = jnp.arange(logits.shape[0])
@@ -111,10 +111,6 @@ def cw_l2(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, key=None,
   init = (x, opt.init(x), x, jnp.full(x.shape[:1], jnp.inf, x.dtype))
   _, _, best_w, best = jax.lax.fori_loop(0, steps, body, init)
   return CWL2Result(jax.lax.stop_gradient(best_w), best, target)
-
-
-def _classes(logits_fn, x, key) -> int:
-  return jax.eval_shape(logits_fn, x, key).shape[-1]
 
 
 def cw_l2_rescaled(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, key=None,

@@ -1,4 +1,4 @@
-"""The public core every attack is built from: the model type, input checks, projection, keys, EOT and loops.
+"""The public core of the attacks: the model type, input checks, projection, keys, EOT and loops.
 
 Conventions shared by all attacks of :mod:`enquant.attacks`:
   - the model is a :data:`LogitsFn` ``logits_fn(x, key) -> (batch, classes)`` in *inference* mode

@@ -200,7 +200,8 @@ def fab_targeted(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, target: j
 
 
 def fab_t_run(logits_fn: core.LogitsFn, x, y, active, *, eps, key,
-              n_target_classes: int = N_TARGET_CLASSES, steps: int = STEPS, alpha_max: float = ALPHA_MAX, eta: float = ETA, beta: float = BETA):
+              n_target_classes: int = N_TARGET_CLASSES, steps: int = STEPS,
+              alpha_max: float = ALPHA_MAX, eta: float = ETA, beta: float = BETA):
   """AutoAttack's FAB-T on the ``active`` examples (arguments unchecked): ``(x_adv, found)``, ``x``
   where not found."""
   num_classes = jax.eval_shape(logits_fn, x, key).shape[-1]

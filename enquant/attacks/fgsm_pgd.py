@@ -16,8 +16,8 @@ Key schedule (fixed, so results are reproducible and tests can recompute them):
   ``start_key, loop_key = jax.random.split(key)``; the random start draws from ``start_key``; step
   ``i`` uses ``step_key = jax.random.split(loop_key, steps)[i]``. With ``eot_samples == 1`` the model
   gets ``step_key`` itself, otherwise ``jax.random.split(step_key, eot_samples)`` (one model key per
-  sample; the gradient is that of the mean loss over the samples, :func:`enquant.attacks.core.eot_loss_grad`).
-  FGSM uses ``key`` as its only step key.
+  sample; the gradient is that of the mean loss over the samples,
+  :func:`enquant.attacks.core.eot_loss_grad`). FGSM uses ``key`` as its only step key.
 
 Loops are rolled by default (``unroll=False``): one copy of the step in the compiled program, so compile
 time does not grow with the number of steps. enquant's models take their input gradients as

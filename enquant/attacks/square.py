@@ -174,8 +174,8 @@ def square_linf(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, ke
 
 def square_attack_run(logits_fn: core.LogitsFn, x, y, active, *, eps, key, n_queries: int = N_QUERIES,
                       p_init: float = P_INIT):
-  """AutoAttack's use on the ``active`` examples (arguments unchecked): ``(x_adv, found)``, ``found`` judged by a fresh forward pass as the reference's
-  ``perturb`` does; ``x`` where not found."""
+  """AutoAttack's use on the ``active`` examples (arguments unchecked): ``(x_adv, found)``, ``found``
+  judged by a fresh forward pass as the reference's ``perturb`` does; ``x`` where not found."""
   run_key, check_key = jax.random.split(key)
   res = _square(logits_fn, x, y, active, eps=eps, key=run_key, n_queries=n_queries, p_init=p_init)
   found = active & (jnp.argmax(logits_fn(res.x_best, check_key), axis=-1) != y)
