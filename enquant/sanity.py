@@ -1,8 +1,8 @@
 """Sanity checks of a robustness evaluation (Carlini et al., "On Evaluating Adversarial Robustness").
 
 A report a user asks for (``python -m experiments.evaluate --sanity``) when a robust accuracy looks too
-good. Each check runs attacks of :mod:`enquant.attacks.autoattack` (APGD-CE as the white-box attack, Square as
-the black-box one) over the same images and compares numbers that must be ordered:
+good. Each check runs attacks of :mod:`enquant.attacks.autoattack` (APGD-CE as the white-box attack,
+Square as the black-box one) over the same images and compares numbers that must be ordered:
 
   ``eps0_equals_clean``        robust accuracy at eps = 0 equals the clean accuracy (the evaluation adds
                                nothing of its own);
@@ -15,9 +15,9 @@ the black-box one) over the same images and compares numbers that must be ordere
   ``eot_gap``                  for randomized models: EOT (gradients averaged over noise draws) is not
                                weaker than no EOT; the gap is how much the randomness alone hid.
 
-Robust accuracies are AutoAttack's count (:func:`enquant.attacks.autoattack.evaluate` with one attack): correct
-on the clean pass and on the decision pass. ``eps0_equals_clean`` compares the one-draw re-score at eps 0
-with the clean pass (both single draws). Differences within ``tolerance`` pass: one image for
+Robust accuracies are AutoAttack's count (:func:`enquant.attacks.autoattack.evaluate` with one attack):
+correct on the clean pass and on the decision pass. ``eps0_equals_clean`` compares the one-draw re-score
+at eps 0 with the clean pass (both single draws). Differences within ``tolerance`` pass: one image for
 deterministic models; for randomized ones three binomial standard deviations of a difference of two
 accuracies (``3 sqrt(2 * 0.25 / n)``) plus one image, since two evaluations of a randomized model differ
 by noise alone. Every check keeps its numbers; ``passed`` is ``None`` for a check that does not apply.
@@ -116,8 +116,9 @@ def sanity_checks(logits_fn: core.LogitsFn, images, labels, *, eps: float, key, 
     key: PRNG key (every eps of the sweep uses the same key: common random numbers).
     batch_size: examples per jitted call.
     config: the settings (:class:`SanityConfig`).
-    attack_config: the attacks' other settings (default :class:`enquant.attacks.autoattack.AutoAttackConfig`);
-      ``config`` overrides their steps, restarts and queries.
+    attack_config: the attacks' other settings (default
+      :class:`enquant.attacks.autoattack.AutoAttackConfig`); ``config`` overrides their steps, restarts
+      and queries.
     progress: show progress bars.
 
   Returns:
