@@ -101,7 +101,7 @@ def test_train_mode_crafting_takes_batch_statistics_steps_and_updates_running_st
     logits, stats = model.apply(variables, xx, step_key, train=True)
     return jnp.sum(attacks.cross_entropy(logits, y)), stats
 
-  g, stats = jax.grad(ce, has_aux=True)(x)
+  g, stats = jax.jit(jax.grad(ce, has_aux=True))(x)
   chex.assert_trees_all_close(x_train, jnp.clip(x + 0.03 * jnp.sign(g), 0, 1), atol=1e-6)
   chex.assert_trees_all_close(stats_train, stats, atol=1e-6)
   chex.assert_trees_all_equal(stats_eval, variables["batch_stats"])  # eval mode leaves them alone
