@@ -13,7 +13,7 @@ What it does:
   2. runs the reference's standard version attack by attack, exactly as its ``run_standard_evaluation``
      loop does (each attack only on the images still robust; version "standard" settings: APGD-CE 1
      restart, APGD-T and FAB-T 9 targets, Square 5000 queries, 100 iterations);
-  3. runs :func:`enquant.autoattack.evaluate` (version "standard") on the same images;
+  3. runs :func:`enquant.attacks.autoattack.evaluate` (version "standard") on the same images;
   4. prints, per attack, both robust accuracies after it, and the per-example agreement of the robust
      masks (images robust for one implementation and broken by the other, either way).
 The two use different random numbers (random starts, Square's proposals), so per-example agreement is
@@ -144,7 +144,7 @@ def main(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
-  from enquant import autoattack  # pylint: disable=g-import-not-at-top
+  from enquant.attacks import autoattack  # pylint: disable=g-import-not-at-top
   from enquant import data as data_lib  # pylint: disable=g-import-not-at-top
   from enquant import pipeline  # pylint: disable=g-import-not-at-top
   from enquant.models import EnResNet  # pylint: disable=g-import-not-at-top

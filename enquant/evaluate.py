@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import re
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +39,12 @@ import tqdm.auto
 
 from enquant import attacks, evalfiles
 
-LogitsFn = Callable[[jax.Array, Any], jax.Array]
+LogitsFn = attacks.LogitsFn
 
 KINDS = ("none", "fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr")
 
 # The paper's CIFAR-10 setting (docs/DESIGN.md §3): eps 0.031 (~8/255), IFGSM step 0.003, 20 steps.
-PAPER_EPS = 0.031
+PAPER_EPS = attacks.PAPER_EPS
 PAPER_STEP = 0.003
 PAPER_PGD_STEPS = 20
 CW_STEPS = 50

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from enquant import attacks
+from enquant.attacks import core
 from enquant.models import resnet
 
 LOSSES = ("natural", "at", "tradeoff", "trades")
@@ -105,8 +106,7 @@ def trades_attack(logits_fn, x, *, eps, step_size, steps, key, unroll=False):
 
   def step(i, xa):
     g = jax.grad(kl_sum)(xa, jax.random.fold_in(k_loop, i))
-    xa = xa + step_size * jnp.sign(g)
-    return jnp.clip(jnp.clip(xa, x - eps, x + eps), 0.0, 1.0)
+    return core.project_ball(xa + step_size * jnp.sign(g), x, eps)
 
   x0 = jnp.clip(x + 0.001 * jax.random.normal(k_init, x.shape, x.dtype), 0.0, 1.0)
   return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, step, x0, unroll=unroll))
@@ -122,7 +122,7 @@ def pgd_train_bn(model, variables, x, y, *, eps, step_size, steps, key, random_s
     ``(x_adv, batch_stats)``: the adversarial images (gradient stopped) and the updated running stats.
   """
   params = jax.lax.stop_gradient(variables["params"])
-  start_key, step_keys = attacks._schedule(key, steps)  # pylint: disable=protected-access
+  start_key, step_keys = core.key_schedule(key, steps)
 
   def total(xa, stats, k):
     logits, new_stats = model.apply({"params": params, "batch_stats": stats}, xa, k, train=True)
@@ -131,10 +131,10 @@ def pgd_train_bn(model, variables, x, y, *, eps, step_size, steps, key, random_s
   def body(i, carry):
     xa, stats = carry
     g, stats = jax.grad(total, has_aux=True)(xa, stats, step_keys[i])
-    xa = jnp.clip(jnp.clip(xa + step_size * jnp.sign(g), x - eps, x + eps), 0.0, 1.0)
+    xa = core.project_ball(xa + step_size * jnp.sign(g), x, eps)
     return xa, stats
 
-  x0 = attacks._uniform_start(x, eps, start_key) if random_start else x  # pylint: disable=protected-access
+  x0 = core.uniform_start(x, eps, start_key) if random_start else x
   x_adv, stats = jax.lax.fori_loop(0, steps, body, (x0, variables["batch_stats"]))
   return jax.lax.stop_gradient(x_adv), jax.lax.stop_gradient(stats)
 
@@ -147,7 +147,7 @@ def paired_forward(model, params, batch_stats, x, x_adv, k_nat, k_adv):
   sequential passes, ``s2 = m * s1 + (1 - m) * b'`` with ``s1 = m * s0 + (1 - m) * b``, are rebuilt from the
   two single-pass updates ``r = m * s0 + (1 - m) * b`` and ``r' = m * s0 + (1 - m) * b'`` of the same
   ``s0`` as ``s2 = m * r + r' - m * s0``. Why: the compiled step holds one copy of the network instead of
-  two (the trade-off train step compiles ~14 % faster on the CPU, BUILD_NOTES.md), and accelerators see one
+  two (the trade-off train step compiles ~14 % faster on a CPU), and accelerators see one
   batch of 2B images.
   """
   m = resnet.BN_MOMENTUM

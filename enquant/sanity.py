@@ -1,8 +1,8 @@
 """Sanity checks of a robustness evaluation (Carlini et al., "On Evaluating Adversarial Robustness").
 
 A report a user asks for (``python -m experiments.evaluate --sanity``) when a robust accuracy looks too
-good. Each check runs attacks of :mod:`enquant.autoattack` (APGD-CE as the white-box attack, Square as
-the black-box one) over the same images and compares numbers that must be ordered:
+good. Each check runs attacks of :mod:`enquant.attacks.autoattack` (APGD-CE as the white-box attack,
+Square as the black-box one) over the same images and compares numbers that must be ordered:
 
   ``eps0_equals_clean``        robust accuracy at eps = 0 equals the clean accuracy (the evaluation adds
                                nothing of its own);
@@ -15,9 +15,9 @@ the black-box one) over the same images and compares numbers that must be ordere
   ``eot_gap``                  for randomized models: EOT (gradients averaged over noise draws) is not
                                weaker than no EOT; the gap is how much the randomness alone hid.
 
-Robust accuracies are AutoAttack's count (:func:`enquant.autoattack.evaluate` with one attack): correct
-on the clean pass and on the decision pass. ``eps0_equals_clean`` compares the one-draw re-score at eps 0
-with the clean pass (both single draws). Differences within ``tolerance`` pass: one image for
+Robust accuracies are AutoAttack's count (:func:`enquant.attacks.autoattack.evaluate` with one attack):
+correct on the clean pass and on the decision pass. ``eps0_equals_clean`` compares the one-draw re-score
+at eps 0 with the clean pass (both single draws). Differences within ``tolerance`` pass: one image for
 deterministic models; for randomized ones three binomial standard deviations of a difference of two
 accuracies (``3 sqrt(2 * 0.25 / n)``) plus one image, since two evaluations of a randomized model differ
 by noise alone. Every check keeps its numbers; ``passed`` is ``None`` for a check that does not apply.
@@ -31,18 +31,14 @@ References:
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enquant import autoattack
-
-LogitsFn = Callable[[jax.Array, Any], jax.Array]
-
-_as_partial = autoattack._as_partial  # pylint: disable=protected-access
-_to_float = autoattack._to_float  # pylint: disable=protected-access
+from enquant.attacks import autoattack
+from enquant.attacks import core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +72,7 @@ class SanityConfig:
 
   def __post_init__(self):
     for name in ("steps", "strong_steps", "restarts", "square_queries", "eot_samples"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"SanityConfig.{name} must be an int >= 1, got {value!r}")
+      core.check_int(getattr(self, name), f"SanityConfig.{name}")
     if not self.eps_fractions or any(not (f >= 0 and math.isfinite(f)) for f in self.eps_fractions):
       raise ValueError(f"SanityConfig.eps_fractions must be finite and >= 0, got {self.eps_fractions}")
     if self.large_eps is not None and not 0 < self.large_eps <= 1:
@@ -96,9 +90,9 @@ def _logits_twice(logits_fn, x, key):
   return logits_fn(x, k1), logits_fn(x, k2)
 
 
-def is_deterministic(logits_fn: LogitsFn, x, key) -> bool:
+def is_deterministic(logits_fn: core.LogitsFn, x, key) -> bool:
   """Whether two noise keys give bitwise the same logits on ``x`` (a deterministic model)."""
-  a, b = _logits_twice(_as_partial(logits_fn), jnp.asarray(x), key)
+  a, b = _logits_twice(core.as_partial(logits_fn), jnp.asarray(x), key)
   return bool(jnp.all(a == b))
 
 
@@ -107,7 +101,7 @@ def default_tolerance(n: int, deterministic: bool) -> float:
   return 1.0 / n + (0.0 if deterministic else 3.0 * math.sqrt(0.5 / n))
 
 
-def sanity_checks(logits_fn: LogitsFn, images, labels, *, eps: float, key, batch_size: int = 256,
+def sanity_checks(logits_fn: core.LogitsFn, images, labels, *, eps: float, key, batch_size: int = 256,
                   config: SanityConfig | None = None,
                   attack_config: autoattack.AutoAttackConfig | None = None,
                   progress: bool = True) -> dict[str, Any]:
@@ -122,8 +116,9 @@ def sanity_checks(logits_fn: LogitsFn, images, labels, *, eps: float, key, batch
     key: PRNG key (every eps of the sweep uses the same key: common random numbers).
     batch_size: examples per jitted call.
     config: the settings (:class:`SanityConfig`).
-    attack_config: the attacks' other settings (default :class:`enquant.autoattack.AutoAttackConfig`);
-      ``config`` overrides their steps, restarts and queries.
+    attack_config: the attacks' other settings (default
+      :class:`enquant.attacks.autoattack.AutoAttackConfig`); ``config`` overrides their steps, restarts
+      and queries.
     progress: show progress bars.
 
   Returns:
@@ -143,10 +138,11 @@ def sanity_checks(logits_fn: LogitsFn, images, labels, *, eps: float, key, batch
     raise ValueError(f"sanity checks need a radius eps in (0, 1], got {eps!r}")
   if key is None:
     raise ValueError("sanity_checks needs an explicit PRNG key")
-  fn = _as_partial(logits_fn)
+  fn = core.as_partial(logits_fn)
   images = np.asarray(images)
+  core.check_images(images, "sanity_checks", " for Square (NHWC)")
   n = len(images)
-  first = _to_float(images[:min(batch_size, n)])
+  first = core.to_float(images[:min(batch_size, n)])
   deterministic = is_deterministic(fn, first, jax.random.fold_in(key, 7))
   tol = default_tolerance(n, deterministic) if config.tolerance is None else config.tolerance
   large_eps = min(1.0, 8.0 * eps) if config.large_eps is None else config.large_eps

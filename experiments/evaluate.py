@@ -10,7 +10,7 @@ Writes ``evaluation[-<tag>].json`` and ``.md`` into the run directory (never ove
 unless --overwrite). With --oracle, adversarial examples are crafted on the oracle run's model (its P(w) for
 quantized runs) and the target's accuracy on them is reported.
 
-``autoattack`` / ``autoattack-rand`` in --attacks run :func:`enquant.autoattack.evaluate` (standard:
+``autoattack`` / ``autoattack-rand`` in --attacks run :func:`enquant.attacks.autoattack.evaluate` (standard:
 APGD-CE, APGD-T, FAB-T, Square; rand: APGD-CE and APGD-DLR with EOT 20) on the same images; the JSON
 gets ``autoattack_acc`` (AutoAttack's count: an image is lost if any noise draw misclassifies it),
 ``autoattack_rescored_acc`` (one fresh draw on the final points), both robust counts, the accuracy after
@@ -69,7 +69,7 @@ def autoattack_evaluation(cfg, model, variables, images, labels, versions, *, pr
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from enquant import autoattack  # pylint: disable=g-import-not-at-top
+  from enquant.attacks import autoattack  # pylint: disable=g-import-not-at-top
   from enquant import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   specs = cfg.eval.attack_specs(cfg.model.noise_coef > 0)
   key = jax.random.PRNGKey(cfg.eval.seed)

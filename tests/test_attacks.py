@@ -359,7 +359,7 @@ def test_apgd_step_size_halving_and_restarts_match_a_reference_of_algorithm_1(rh
   y = jnp.zeros(6, jnp.int32)
   run = jax.jit(lambda x: (
       attacks.apgd(logits_fn, x, y, eps=eps, steps=steps, random_start=False, rho=rho),
-      attacks._apgd_run(  # pylint: disable=protected-access
+      attacks.apgd_run(
           logits_fn, x, y, eps=eps, steps=steps, key=None, loss="ce", eot_samples=1, rho=rho,
           random_start=False, unroll=False)))
   x_adv, state = run(x)
@@ -432,3 +432,121 @@ def test_bad_arguments_raise_clear_errors(binary):
     attacks.fgsm(f, x, y[:3], eps=0.1)
   with pytest.raises(ValueError, match="DLR loss needs at least 3 classes, got 2"):
     attacks.apgd(f, x, y, eps=0.1, steps=2, loss="dlr", random_start=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The public core
+# --------------------------------------------------------------------------------------------------
+
+
+def _noisy_conv_net(seed):
+  """conv -> EnResNet's noise (``resnet.add_noise``, std of the whole tensor) -> relu -> conv -> dense."""
+  from enquant.models import resnet  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  k1, k2 = (jnp.asarray(rng.normal(0, 0.5, s), jnp.float32) for s in ((3, 3, 3, 4), (3, 3, 4, 4)))
+  dense = jnp.asarray(rng.normal(0, 0.5, (2 * 2 * 4, 5)), jnp.float32)
+
+  def conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def logits_fn(x, key):
+    h = resnet.add_noise(conv(x, k1), 0.5, key)
+    return conv(jax.nn.relu(h), k2).reshape(x.shape[0], -1) @ dense
+  return logits_fn
+
+
+def test_eot_gradient_of_the_mean_equals_the_mean_of_vmapped_gradients():
+  f = _noisy_conv_net(0)
+  x, y, key = _images(14, 5), jnp.asarray([0, 1, 2, 3, 4]), jax.random.key(5)
+  mean_grad = jax.jit(attacks.core.eot_loss_grad(f, attacks.cross_entropy, 6))(x, y, key)
+  vmapped = jax.jit(attacks.core.eot_loss_grad_vmapped(f, attacks.cross_entropy, 6))(x, y, key)
+  single = attacks.core.eot_loss_grad(f, attacks.cross_entropy, 1)(x, y, key)
+  scale = float(jnp.max(jnp.abs(vmapped[0])))
+  np.testing.assert_allclose(mean_grad[0], vmapped[0], atol=1e-5 * scale)
+  np.testing.assert_allclose(mean_grad[1], vmapped[1], rtol=1e-5)   # per-example losses
+  np.testing.assert_allclose(mean_grad[2], vmapped[2], rtol=1e-5, atol=1e-6)  # logits
+  assert np.abs(np.asarray(single[0]) - np.asarray(vmapped[0])).max() > 1e-2 * scale  # noise matters
+
+
+def test_stream_ids_reproduce_both_evaluations_key_streams():
+  import zlib  # pylint: disable=g-import-not-at-top
+  from enquant import evaluate  # pylint: disable=g-import-not-at-top
+  from enquant.attacks import autoattack  # pylint: disable=g-import-not-at-top
+  for name in ("a1", "apgd-ce", "square", "none-r3"):
+    crc = zlib.crc32(name.encode())
+    # pylint: disable-next=protected-access
+    assert attacks.core.stream_id(name) == crc % (2**31 - 1) + 1 == evaluate._stream(name)
+    assert autoattack._stream(name) == crc % (2**31 - 3) + 2  # pylint: disable=protected-access
+
+
+def test_first_success_keeps_each_examples_first_success_and_stops_early():
+  x = jnp.zeros((4, 2))
+  active = jnp.asarray([True, True, True, False])
+  calls = []
+
+  def attempt(t):
+    calls.append(t)
+    found = jnp.stack([t == 1, t >= 0, t == 7, t >= 0])   # example 2 breaks at 7: never reached
+    return jnp.full((4, 2), t + 1.0), found
+
+  x_out, found = attacks.core.first_success(attempt, x, active, 3)
+  np.testing.assert_array_equal(found, [True, True, False, False])
+  np.testing.assert_array_equal(x_out[:, 0], [2.0, 1.0, 0.0, 0.0])   # attempt 1 for 0, attempt 0 for 1
+  x_out, found = attacks.core.first_success(attempt, x, jnp.asarray([False, True, False, False]), 3)
+  np.testing.assert_array_equal(found, [False, True, False, False])
+
+
+# --------------------------------------------------------------------------------------------------
+# EnResNet's C&W: L2 with Adam, rescaled to eps
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cw_problem():
+  """A 3-class linear model; the target is the second-largest clean logit, d = w_y - w_t."""
+  w, b = _linear_model(12, 3, scale=0.4)
+  x = jnp.asarray(np.random.default_rng(13).uniform(0.3, 0.7, (6,) + SHAPE).astype(np.float32))
+  z = np.asarray(x.reshape(6, -1) @ w + b, np.float64)
+  y = np.argmax(z, -1)
+  t = np.argsort(z, -1)[:, -2]
+  wn = np.asarray(w, np.float64)
+  d = (wn[:, y] - wn[:, t]).T                                  # (6, D)
+  m0 = z[np.arange(6), y] - z[np.arange(6), t]                 # > 0
+  return dict(f=_linear(w, b), x=x, y=jnp.asarray(y, jnp.int32), t=t, d=d, m0=m0)
+
+
+def test_cw_l2_reaches_the_closed_form_minimiser_of_its_objective(cw_problem):
+  """min ||delta||^2 + c max(m0 + d.delta, 0) is delta = -lam d, lam = min(c / 2, m0 / ||d||^2):
+  inside the hinge for a small c, on the decision boundary (the minimal L2 step) for a large one."""
+  p = cw_problem
+  x = np.asarray(p["x"], np.float64).reshape(6, -1)
+  dd = np.sum(p["d"] ** 2, -1)
+  for c in (0.1, 1.0):
+    lam = np.minimum(c / 2, p["m0"] / dd)
+    res = attacks.cw_l2(p["f"], p["x"], p["y"], steps=600, learning_rate=0.003, c=c)
+    np.testing.assert_array_equal(res.target, p["t"])
+    delta = np.asarray(res.w, np.float64).reshape(6, -1) - x
+    np.testing.assert_allclose(delta, -lam[:, None] * p["d"], atol=3e-3)
+    optimum = lam**2 * dd + c * np.maximum(p["m0"] - lam * dd, 0.0)
+    assert np.all(np.asarray(res.objective) >= optimum * (1 - 1e-5))
+    assert np.all(np.asarray(res.objective) <= optimum * 1.001)
+  assert np.all(c / 2 > p["m0"] / dd) and np.all(0.1 / 2 < p["m0"] / dd)  # one case each
+
+
+def test_cw_l2_rescaled_is_x_plus_eps_times_the_l2_step_inside_the_ball(cw_problem):
+  p = cw_problem
+  eps = 0.05
+  res = attacks.cw_l2(p["f"], p["x"], p["y"])                    # the EnResNet script's settings
+  x_adv = attacks.cw_l2_rescaled(p["f"], p["x"], p["y"], eps=eps)
+  expected = np.clip(np.asarray(p["x"]) + eps * (np.asarray(res.w) - np.asarray(p["x"])), 0, 1)
+  np.testing.assert_allclose(x_adv, expected, atol=1e-7)
+  _assert_in_ball(x_adv, p["x"], eps)
+  step = np.abs(np.asarray(res.w) - np.asarray(p["x"])).max()
+  assert 0 < step <= 3 * 50 * 0.0006                             # Adam: about lr per step
+  margin = lambda z: np.asarray(attacks.margin(p["f"](z, None), p["y"]))  # noqa: E731
+  assert np.all(margin(res.w) < margin(p["x"]))                  # towards the target
+  huge = attacks.cw_l2_rescaled(p["f"], p["x"], p["y"], eps=0.01, learning_rate=0.5, steps=20, c=1e3)
+  _assert_in_ball(huge, p["x"], 0.01)                            # projected when |w - x| > 1
+  with pytest.raises(ValueError, match="cw_l2: learning_rate must be finite and > 0"):
+    attacks.cw_l2_rescaled(p["f"], p["x"], p["y"], eps=eps, learning_rate=0.0)

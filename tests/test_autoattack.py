@@ -1,4 +1,4 @@
-"""AutoAttack in JAX (enquant.autoattack, enquant.fab, enquant.square) on models with known optima.
+"""AutoAttack in JAX (enquant.attacks: autoattack, fab, square) on models with known optima.
 
 Linear models only (a conv net costs a minute of compilation per attack); keys are ``rbg`` typed keys,
 which compile about twice as fast as threefry on XLA:CPU.
@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from enquant import autoattack
-from enquant import fab
+from enquant import attacks
 from enquant import sanity
-from enquant import square
+from enquant.attacks import autoattack
+from enquant.attacks import fab
+from enquant.attacks import square
 
 H = W = 8
 # Cheap settings shared by the tests (shared settings and shapes share compiled attacks).
@@ -109,13 +110,13 @@ def test_targeted_dlr_loss_matches_the_reference_formula_and_targets_follow_logi
   logits = jnp.asarray([[5.0, 1.0, 3.0, 4.0, 0.0], [0.0, 2.0, 1.0, -1.0, 6.0]])
   y, t = jnp.asarray([0, 4]), jnp.asarray([2, 1])
   expected = [-(5 - 3) / (5 - (3 + 1) / 2), -(6 - 2) / (6 - (1 + 0) / 2)]
-  np.testing.assert_allclose(autoattack.targeted_dlr_loss(logits, y, t), expected, rtol=1e-6)
+  np.testing.assert_allclose(attacks.targeted_dlr_loss(logits, y, t), expected, rtol=1e-6)
   # Shift and scale invariance (a property of DLR losses).
-  np.testing.assert_allclose(autoattack.targeted_dlr_loss(3 * logits + 7, y, t), expected, rtol=1e-5)
-  ranks = [fab._nth_largest_class(logits, n) for n in (1, 2, 3, 4)]  # pylint: disable=protected-access
+  np.testing.assert_allclose(attacks.targeted_dlr_loss(3 * logits + 7, y, t), expected, rtol=1e-5)
+  ranks = [attacks.objectives.nth_largest_class(logits, n) for n in (1, 2, 3, 4)]
   np.testing.assert_array_equal(np.stack(ranks, 1), [[0, 3, 2, 1], [4, 1, 2, 0]])
   with pytest.raises(ValueError, match="at least 4 classes"):
-    autoattack.targeted_dlr_loss(logits[:, :3], y, t)
+    attacks.targeted_dlr_loss(logits[:, :3], y, t)
 
 
 def test_fab_finds_the_minimal_linf_distance_of_a_linear_binary_model():
@@ -262,7 +263,7 @@ def test_run_composes_with_jit_and_vmap_over_eps(linear10):
   logits_fn, x, y, _, _ = linear10
 
   def public_apgd_t(logits_fn, x, y, *, eps, key):
-    return autoattack.apgd_t(logits_fn, x, y, eps=eps, key=key, steps=20, n_target_classes=3)
+    return attacks.apgd_t(logits_fn, x, y, eps=eps, key=key, steps=20, n_target_classes=3)
 
   @jax.jit
   def robust_accuracy(eps):
@@ -309,5 +310,66 @@ def test_bad_arguments_raise_value_errors(linear10):
     autoattack.run(logits_fn, x, y, eps=-1.0, key=_key(0))
   with pytest.raises(ValueError, match="apgd_steps"):
     autoattack.AutoAttackConfig(apgd_steps=0)
-  with pytest.raises(ValueError, match="NHWC"):
+  with pytest.raises(ValueError, match=r"square_run needs images of shape \(N, H, W, C\)"):
     square.square_linf(logits_fn, x.reshape(24, -1), y, eps=eps, key=_key(0))
+
+
+def _fixer(logits_fn, x, y, *, eps, key):
+  """A custom "attack" that moves every image to where the linear model of the tests below is right."""
+  del logits_fn, y, key
+  return x.at[:, 0, 0, 0].add(-eps)
+
+
+def test_an_image_misclassified_when_clean_never_counts_as_robust():
+  """Images 0 and 1 are misclassified clean; the custom attack's point is classified correctly for
+  every image. AutoAttack's count is clean-correct AND survives: 0 and 1 are never robust."""
+  logits_fn = _linear(np.stack([np.zeros(H * W), np.eye(H * W)[0] * 10], 1), [2.0, 0.0])
+  x = jnp.full((6, H, W, 1), 0.1).at[:2, 0, 0, 0].set(0.5)      # z_1 = 5 > z_0 = 2 for 0 and 1
+  y = jnp.zeros(6, jnp.int32)
+  common = dict(eps=0.45, key=_key(0), version="custom", attacks=[("fix", _fixer)])
+  assert np.all(np.argmax(logits_fn(_fixer(None, x, y, eps=0.45, key=None)), -1) == 0)
+  result = autoattack.run(logits_fn, x, y, **common)
+  np.testing.assert_array_equal(result.clean, [0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(result.robust, [0, 0, 1, 1, 1, 1])
+  acc, masks = autoattack.evaluate(logits_fn, np.asarray(x), np.asarray(y), batch_size=4,
+                                   progress=False, **common)
+  np.testing.assert_array_equal(masks["robust"], [0, 0, 1, 1, 1, 1])
+  assert acc["autoattack"] <= acc["clean"]
+
+
+def test_progress_is_reported_per_attack_and_per_chunk():
+  """Attack A breaks images {1, 2}, B breaks {3}; 7 images in chunks of 2."""
+  logits_fn = _linear(np.stack([np.zeros(H * W), np.eye(H * W)[0] * 10], 1), [2.0, 0.0])
+  x = jnp.full((7, H, W, 1), 0.1)
+  y = jnp.zeros(7, jnp.int32)
+
+  def breaker(value):
+    def attack(logits_fn, x, y, *, eps, key):
+      del logits_fn, y, eps, key
+      return jnp.where(x[:, :1, :1, :1] == value, 0.6, x)
+    return attack
+
+  x = x.at[1:3, 0, 0, 0].set(0.11).at[3, 0, 0, 0].set(0.12)
+  attacks_ = [("A", breaker(jnp.float32(0.11))), ("B", breaker(jnp.float32(0.12)))]
+  events = []
+  autoattack.evaluate(logits_fn, np.asarray(x), np.asarray(y), eps=0.5, key=_key(0), version="custom",
+                      attacks=attacks_, batch_size=2, progress=False, callback=events.append)
+  got = [(e.attack, e.done, e.total, e.robust, e.n) for e in events]
+  assert got == [("clean", 2, 7, 2, 7), ("clean", 4, 7, 4, 7), ("clean", 6, 7, 6, 7),
+                 ("clean", 7, 7, 7, 7),
+                 ("A", 2, 7, 6, 7), ("A", 4, 7, 5, 7), ("A", 6, 7, 5, 7), ("A", 7, 7, 5, 7),
+                 ("B", 2, 5, 4, 7), ("B", 4, 5, 4, 7), ("B", 5, 5, 4, 7)]
+  events.clear()
+  autoattack.run(logits_fn, x, y, eps=0.5, key=_key(0), version="custom", attacks=attacks_,
+                 progress=events.append)
+  assert [(e.attack, e.done, e.robust) for e in events] == [("clean", 7, 7), ("A", 7, 5), ("B", 5, 4)]
+
+
+def test_non_image_inputs_get_one_line_naming_the_shape(linear10):
+  logits_fn, x, y, eps, _ = linear10
+  flat = x.reshape(24, -1)
+  with pytest.raises(ValueError, match=r"autoattack.run needs images of shape \(N, H, W, C\) for "
+                                       r"Square \(NHWC\), got shape \(24, 64\)"):
+    autoattack.run(logits_fn, flat, y, eps=eps, key=_key(0))
+  with pytest.raises(ValueError, match=r"autoattack.evaluate needs images of shape \(N, H, W, C\)"):
+    autoattack.evaluate(logits_fn, np.asarray(flat), np.asarray(y), eps=eps, key=_key(0))

@@ -101,7 +101,7 @@ def test_train_mode_crafting_takes_batch_statistics_steps_and_updates_running_st
     logits, stats = model.apply(variables, xx, step_key, train=True)
     return jnp.sum(attacks.cross_entropy(logits, y)), stats
 
-  g, stats = jax.grad(ce, has_aux=True)(x)
+  g, stats = jax.jit(jax.grad(ce, has_aux=True))(x)
   chex.assert_trees_all_close(x_train, jnp.clip(x + 0.03 * jnp.sign(g), 0, 1), atol=1e-6)
   chex.assert_trees_all_close(stats_train, stats, atol=1e-6)
   chex.assert_trees_all_equal(stats_eval, variables["batch_stats"])  # eval mode leaves them alone
@@ -188,7 +188,7 @@ def test_adversarial_training_is_more_robust_than_natural_training():
     robust[kind] = (float(jnp.mean(jnp.argmax(fn(x, k), -1) == y)),
                     float(jnp.mean(jnp.argmax(fn(x_adv, k), -1) == y)))
   # Same model size, same data, same images and keys: the adversarially trained model keeps clearly more
-  # accuracy under PGD-10 at eps 0.2 (measured: see BUILD_NOTES.md).
+  # accuracy under PGD-10 at eps 0.2.
   print("clean, PGD-10 accuracy:", robust)
   assert robust["tradeoff"][1] > robust["natural"][1] + 0.15, robust
   assert robust["natural"][0] > 0.5, robust

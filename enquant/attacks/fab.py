@@ -31,13 +31,13 @@ References:
 """
 
 import math
-import numbers
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-LogitsFn = Callable[[jax.Array, Any], jax.Array]
+from enquant.attacks import core
+from enquant.attacks import objectives
 
 # AutoAttack's defaults (fab_base.py, autoattack.py set_version("standard")).
 STEPS = 100
@@ -108,33 +108,16 @@ class FABResult(NamedTuple):
   found: jax.Array
 
 
-def _fold(key, i):
-  return None if key is None else jax.random.fold_in(key, i)
-
-
-def _split(key, n):
-  return (None,) * n if key is None else tuple(jax.random.split(key, n))
-
-
-def _linf(d: jax.Array) -> jax.Array:
-  return jnp.max(jnp.abs(d.reshape(d.shape[0], -1)), axis=-1)
-
-
-def _is_number(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _check(x, y, steps, alpha_max, eta, beta, name) -> None:
   if getattr(x, "ndim", 0) < 2:
     raise ValueError(f"{name}: x needs a batch axis and features, got shape {getattr(x, 'shape', None)}")
   if getattr(y, "ndim", None) != 1 or y.shape[0] != x.shape[0]:
     raise ValueError(f"{name}: labels must have shape ({x.shape[0]},), got {getattr(y, 'shape', None)}")
-  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-    raise ValueError(f"{name}: steps must be a Python int >= 1, got {steps!r}")
+  core.check_int(steps, f"{name}: steps")
   for label, v, lo, hi in (("alpha_max", alpha_max, 0.0, 1.0), ("beta", beta, 0.0, 1.0)):
-    if _is_number(v) and not lo <= v <= hi:
+    if core.is_number(v) and not lo <= v <= hi:
       raise ValueError(f"{name}: {label} must be in [{lo}, {hi}], got {v}")
-  if _is_number(eta) and not (eta >= 1.0 and math.isfinite(eta)):
+  if core.is_number(eta) and not (eta >= 1.0 and math.isfinite(eta)):
     raise ValueError(f"{name}: eta must be finite and >= 1, got {eta}")
 
 
@@ -142,7 +125,7 @@ def _fab_targeted(logits_fn, x, y, target, *, key, steps, alpha_max, eta, beta, 
                   ) -> FABResult:
   batch = x.shape[0]
   x0 = x.reshape(batch, -1)
-  start_key, loop_key = _split(key, 2)
+  start_key, loop_key = core.split_key(key, 2)
   if random_start:
     t = jax.random.uniform(start_key, x0.shape, x.dtype, -1.0, 1.0)
     t = t / jnp.max(jnp.abs(t), axis=-1, keepdims=True)
@@ -160,7 +143,7 @@ def _fab_targeted(logits_fn, x, y, target, *, key, steps, alpha_max, eta, beta, 
 
   def body(i, state):
     x1, adv, best = state
-    grad_key, check_key = _split(_fold(loop_key, i), 2)
+    grad_key, check_key = core.split_key(core.fold_key(loop_key, i), 2)
     w, f = diff_grad(x1, grad_key)
     b = jnp.sum(w * x1, axis=-1) - f                      # linearised boundary: <w, z> = b
     d = project_linf(jnp.concatenate([x1, x0]), jnp.concatenate([w, w]), jnp.concatenate([b, b]))
@@ -183,7 +166,7 @@ def _fab_targeted(logits_fn, x, y, target, *, key, steps, alpha_max, eta, beta, 
   return FABResult(jax.lax.stop_gradient(adv.reshape(x.shape)), best, found)
 
 
-def fab_targeted(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, target: jax.Array, *, key=None,
+def fab_targeted(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, target: jax.Array, *, key=None,
                  steps: int = STEPS, alpha_max: float = ALPHA_MAX, eta: float = ETA,
                  beta: float = BETA, random_start: bool = False, eps=None) -> FABResult:
   """One targeted FAB run (l_inf): the closest misclassified point found near the ``y``/``target``
@@ -216,40 +199,26 @@ def fab_targeted(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, target: jax.Ar
                        alpha_max=alpha_max, eta=eta, beta=beta, random_start=random_start, eps=eps)
 
 
-def _nth_largest_class(logits: jax.Array, n) -> jax.Array:
-  """Class of the ``n``-th largest logit per row (``n = 1``: the top class; ``n`` may be traced)."""
-  order = jnp.argsort(logits, axis=-1)
-  col = logits.shape[-1] - n
-  return jnp.take_along_axis(order, jnp.broadcast_to(col, (logits.shape[0], 1)).astype(jnp.int32),
-                             axis=-1)[:, 0]
-
-
-def _fab_t(logits_fn, x, y, active, *, eps, key, n_target_classes, steps, alpha_max, eta, beta):
-  """AutoAttack's FAB-T on the ``active`` examples: ``(x_adv, found)``, ``x`` where not found."""
+def fab_t_run(logits_fn: core.LogitsFn, x, y, active, *, eps, key,
+              n_target_classes: int = N_TARGET_CLASSES, steps: int = STEPS,
+              alpha_max: float = ALPHA_MAX, eta: float = ETA, beta: float = BETA):
+  """AutoAttack's FAB-T on the ``active`` examples (arguments unchecked): ``(x_adv, found)``, ``x``
+  where not found."""
   num_classes = jax.eval_shape(logits_fn, x, key).shape[-1]
-  targets = min(n_target_classes, num_classes - 1)
-  expand = (-1,) + (1,) * (x.ndim - 1)
 
-  def cond(state):
-    t, _, found = state
-    return (t < targets) & jnp.any(active & ~found)
-
-  def body(state):
-    t, x_out, found = state
-    clean_key, run_key, check_key = _split(_fold(key, t), 3)
-    target = _nth_largest_class(logits_fn(x, clean_key), t + 2)
+  def attempt(t):
+    clean_key, run_key, check_key = core.split_key(core.fold_key(key, t), 3)
+    target = objectives.nth_largest_class(logits_fn(x, clean_key), t + 2)
     res = _fab_targeted(logits_fn, x, y, target, key=run_key, steps=steps, alpha_max=alpha_max,
                         eta=eta, beta=beta, random_start=False, eps=eps)
     wrong = jnp.argmax(logits_fn(res.x_adv, check_key), axis=-1) != y
-    success = active & ~found & res.found & wrong & (_linf(res.x_adv - x) <= eps)
-    return t + 1, jnp.where(success.reshape(expand), res.x_adv, x_out), found | success
+    return res.x_adv, res.found & wrong & (core.linf_norm(res.x_adv - x) <= eps)
 
-  init = (jnp.asarray(0, jnp.int32), x, jnp.zeros(x.shape[:1], bool))
-  _, x_out, found = jax.lax.while_loop(cond, body, init)
+  x_out, found = core.first_success(attempt, x, active, min(n_target_classes, num_classes - 1))
   return jax.lax.stop_gradient(x_out), found
 
 
-def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, key=None,
+def fab_t(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, key=None,
           n_target_classes: int = N_TARGET_CLASSES, steps: int = STEPS, alpha_max: float = ALPHA_MAX,
           eta: float = ETA, beta: float = BETA) -> jax.Array:
   """FAB-T as in AutoAttack (l_inf): targeted FAB towards each of the top ``n_target_classes`` other
@@ -278,16 +247,14 @@ def fab_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, key=None,
     Croce & Hein, ICML 2020 (FAB); Croce & Hein, ICML 2020 (AutoAttack).
   """
   _check(x, y, steps, alpha_max, eta, beta, "fab_t")
-  if not isinstance(n_target_classes, int) or isinstance(n_target_classes, bool) or (
-      n_target_classes < 1):
-    raise ValueError(f"fab_t: n_target_classes must be an int >= 1, got {n_target_classes!r}")
-  if _is_number(eps) and not (eps >= 0 and math.isfinite(eps)):
-    raise ValueError(f"fab_t: eps must be finite and >= 0, got {eps}")
-  clean_key, run_key = _split(key, 2)
+  core.check_int(n_target_classes, "fab_t: n_target_classes")
+  core.check_eps(eps, "fab_t")
+  clean_key, run_key = core.split_key(key, 2)
   active = jnp.argmax(logits_fn(x, clean_key), axis=-1) == y
-  x_adv, _ = _fab_t(logits_fn, x, y, active, eps=eps, key=run_key, n_target_classes=n_target_classes,
-                    steps=steps, alpha_max=alpha_max, eta=eta, beta=beta)
+  x_adv, _ = fab_t_run(logits_fn, x, y, active, eps=eps, key=run_key,
+                       n_target_classes=n_target_classes, steps=steps, alpha_max=alpha_max, eta=eta,
+                       beta=beta)
   return x_adv
 
 
-__all__ = ["FABResult", "fab_t", "fab_targeted", "project_linf"]
+__all__ = ["FABResult", "fab_t", "fab_t_run", "fab_targeted", "project_linf"]

@@ -32,15 +32,13 @@ References:
 """
 
 import math
-import numbers
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from enquant import attacks
-
-LogitsFn = Callable[[jax.Array, Any], jax.Array]
+from enquant.attacks import core
+from enquant.attacks import objectives
 
 N_QUERIES = 5000
 P_INIT = 0.8
@@ -79,17 +77,14 @@ class SquareResult(NamedTuple):
 
 
 def _check(x, y, eps, key, n_queries, p_init, name) -> None:
-  if getattr(x, "ndim", None) != 4:
-    raise ValueError(f"{name}: x must be NHWC images, got shape {getattr(x, 'shape', None)}")
+  core.check_images(x, name)
   if getattr(y, "ndim", None) != 1 or y.shape[0] != x.shape[0]:
     raise ValueError(f"{name}: labels must have shape ({x.shape[0]},), got {getattr(y, 'shape', None)}")
-  if isinstance(eps, numbers.Real) and not (eps >= 0 and math.isfinite(eps)):
-    raise ValueError(f"{name}: eps must be finite and >= 0, got {eps}")
+  core.check_eps(eps, name)
   if key is None:
     raise ValueError(f"{name}: a random search needs a key, got key=None")
-  if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 0:
-    raise ValueError(f"{name}: n_queries must be a Python int >= 0, got {n_queries!r}")
-  if not (isinstance(p_init, numbers.Real) and 0.0 < p_init <= 1.0):
+  core.check_int(n_queries, f"{name}: n_queries", minimum=0)
+  if not (core.is_number(p_init) and 0.0 < p_init <= 1.0):
     raise ValueError(f"{name}: p_init must be in (0, 1], got {p_init!r}")
 
 
@@ -103,7 +98,7 @@ def _square(logits_fn, x, y, active, *, eps, key, n_queries, p_init) -> SquareRe
     return jnp.where(jax.random.bernoulli(k, 0.5, shape), 1.0, -1.0).astype(x.dtype)
 
   def margin_at(x_new, k):
-    return attacks.margin(logits_fn(x_new, k), y)
+    return objectives.margin(logits_fn(x_new, k), y)
 
   x_best = jnp.clip(x + eps * signs(stripe_key, (batch, 1, width, channels)), 0.0, 1.0)
   margin0 = margin_at(x_best, first_key)
@@ -137,7 +132,7 @@ def _square(logits_fn, x, y, active, *, eps, key, n_queries, p_init) -> SquareRe
   return SquareResult(jax.lax.stop_gradient(x_best), margin, queries)
 
 
-def square_run(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, key,
+def square_run(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, key,
                n_queries: int = N_QUERIES, p_init: float = P_INIT) -> SquareResult:
   """Square Attack (l_inf, margin loss) with its full result (best point, margin, query counts).
 
@@ -162,7 +157,7 @@ def square_run(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, key,
                  n_queries=n_queries, p_init=p_init)
 
 
-def square_linf(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, key,
+def square_linf(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, key,
                 n_queries: int = N_QUERIES, p_init: float = P_INIT) -> jax.Array:
   """Square Attack (l_inf): the adversarial point where one was found, else the lowest-margin point.
 
@@ -177,14 +172,16 @@ def square_linf(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps, key,
   return square_run(logits_fn, x, y, eps=eps, key=key, n_queries=n_queries, p_init=p_init).x_best
 
 
-def _square_attack(logits_fn, x, y, active, *, eps, key, n_queries, p_init):
-  """AutoAttack's use: ``(x_adv, found)``, ``found`` judged by a fresh forward pass as the reference's
-  ``perturb`` does; ``x`` where not found."""
+def square_attack_run(logits_fn: core.LogitsFn, x, y, active, *, eps, key, n_queries: int = N_QUERIES,
+                      p_init: float = P_INIT):
+  """AutoAttack's use on the ``active`` examples (arguments unchecked): ``(x_adv, found)``, ``found``
+  judged by a fresh forward pass as the reference's ``perturb`` does; ``x`` where not found."""
   run_key, check_key = jax.random.split(key)
   res = _square(logits_fn, x, y, active, eps=eps, key=run_key, n_queries=n_queries, p_init=p_init)
   found = active & (jnp.argmax(logits_fn(res.x_best, check_key), axis=-1) != y)
   return jnp.where(found[:, None, None, None], res.x_best, x), found
 
 
-__all__ = ["N_QUERIES", "P_INIT", "SquareResult", "p_schedule", "square_linf", "square_run",
+__all__ = ["N_QUERIES", "P_INIT", "SquareResult", "p_schedule", "square_attack_run", "square_linf",
+           "square_run",
            "window_sides"]
