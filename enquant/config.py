@@ -20,6 +20,7 @@ import re
 from typing import Any, Iterator, NamedTuple
 
 from enquant import data as data_lib
+from enquant.attacks.core import PAPER_EPS
 from enquant.losses import LossConfig
 from enquant.models.ensemble import ModelConfig
 
@@ -28,7 +29,6 @@ LR_SCHEDULES = ("multistep", "cosine", "constant")
 TERNARY_METHODS = ("br", "exact", "twn")
 MBIT_METHODS = ("bcgd", "lloyd", "exact")
 DATA_SOURCES = ("auto", "local", "tfds", "embedded")
-PAPER_EPS = 0.031  # l_inf radius of the paper's training and evaluation attacks (every dataset)
 
 
 def setting(default: Any, help: str, *, flag: str | None = None):  # pylint: disable=redefined-builtin
@@ -162,7 +162,7 @@ class EvalConfig:
 def _paper_loss() -> LossConfig:
   """The paper's training attack: PGD-10, eps 0.031, step 0.007, BatchNorm in train mode while crafting
   (the EnResNet code); natural training until a preset or the user names a robust loss."""
-  return LossConfig(kind="natural", eps=PAPER_EPS, step_size=0.007, steps=10, attack_bn="train")
+  return LossConfig()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,18 +50,24 @@ class LossConfig:
     random_start: uniform random start of the PGD attack (at, tradeoff).
     attack_bn: BatchNorm mode while crafting the training attack: "eval" (running statistics) or
       "train" (batch statistics, running averages updated by every attack step: the EnResNet code).
+      None (the default) resolves to "train", or "eval" for TRADES (its reference code).
+
+  The defaults are the paper's training attack (the EnResNet code): PGD-10, eps 0.031, step 0.007, random
+  start, BatchNorm in train mode.
   """
 
   kind: str = "natural"
   alpha: float = 1.0
   beta: float = 8.0
-  eps: float = 8 / 255
-  step_size: float = 2 / 255
+  eps: float = core.PAPER_EPS
+  step_size: float = 0.007
   steps: int = 10
   random_start: bool = True
-  attack_bn: str = "eval"
+  attack_bn: str | None = None
 
   def __post_init__(self):
+    if self.attack_bn is None:  # frozen: resolve the default in place, so to_dict holds the value
+      object.__setattr__(self, "attack_bn", "eval" if self.kind == "trades" else "train")
     if self.kind not in LOSSES:
       raise ValueError(f"loss must be one of {LOSSES}, got {self.kind!r}")
     if self.attack_bn not in ATTACK_BN:
