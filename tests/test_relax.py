@@ -74,7 +74,7 @@ def test_conv_kernel_mask_on_nnx_state():
 
   state = jax.eval_shape(lambda: nnx.state(Tiny(nnx.Rngs(0)), nnx.Param))  # shapes only: no compile
   flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(quant.conv_kernel_mask(state))}
-  values = {k: (v.value if hasattr(v, "value") else v) for k, v in flat.items()}
+  values = {k: (v.get_value() if isinstance(v, nnx.Variable) else v) for k, v in flat.items()}
   assert values == {"bn/bias": False, "bn/scale": False, "conv/bias": False, "conv/kernel": True,
                     "dense/bias": False, "dense/kernel": False}
 

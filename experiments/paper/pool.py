@@ -39,6 +39,14 @@ class Job:
   log_path: str
 
 
+def _pin(pid: int, share) -> None:
+  """Pins a started process to ``share`` (it inherits nothing from a fork hook: see :func:`run_pool`)."""
+  try:
+    os.sched_setaffinity(pid, share)
+  except ProcessLookupError:  # it already ended
+    pass
+
+
 def run_pool(jobs: Sequence[Job], workers: int, *, cpus: Sequence[int] | None = None,
              log: Callable[[str], None] = print, on_done: Callable[[Job, int], None] | None = None,
              poll_seconds: float = 0.5) -> dict[str, int]:
@@ -57,8 +65,9 @@ def run_pool(jobs: Sequence[Job], workers: int, *, cpus: Sequence[int] | None = 
           job = pending.pop(0)
           os.makedirs(os.path.dirname(os.path.abspath(job.log_path)), exist_ok=True)
           out = open(job.log_path, "a")  # pylint: disable=consider-using-with
-          proc = subprocess.Popen(job.argv, stdout=out, stderr=subprocess.STDOUT,  # pylint: disable=consider-using-with
-                                  preexec_fn=lambda s=share: os.sched_setaffinity(0, s))
+          # Pinned after the start, not in preexec_fn: a fork hook in a process running JAX warns of deadlocks.
+          proc = subprocess.Popen(job.argv, stdout=out, stderr=subprocess.STDOUT)  # pylint: disable=consider-using-with
+          _pin(proc.pid, share)
           running[slot] = (job, proc, out, time.time())
           log(f"[worker {slot}] start {job.name} on CPU {','.join(map(str, share))} (log: {job.log_path})")
       for slot, (job, proc, out, t0) in list(running.items()):
