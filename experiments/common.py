@@ -278,8 +278,11 @@ def run(dataset: str, defaults: dict | None = None, workdir: str | None = None):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
   except KeyboardInterrupt as e:
-    print(_interrupted_line(e), file=sys.stderr)
-    sys.exit(130)
+    print(_interrupted_line(e), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # The run's files are closed by now; exiting at once keeps background threads (orbax's event loop)
+    # from printing their shutdown tracebacks after the one line.
+    os._exit(130)  # pylint: disable=protected-access
   except (ValueError, OSError, RuntimeError, pipeline.RunExistsError) as e:
     print("error: " + "\n  ".join(error_lines(e)), file=sys.stderr)
     sys.exit(2)

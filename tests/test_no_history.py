@@ -12,7 +12,7 @@ HISTORY = re.compile(
     r"\btaken back\b|\bwhen the machine\b",
     re.IGNORECASE)
 # Words that look alike but are not history (pytest's fixture scope, the GPU benchmark script's name).
-ALLOWED = re.compile(r"scope=\"session\"|gpu_session|pytest session|test session|session's (persistent )?"
+ALLOWED = re.compile(r"scope=\"session\"|gpu_session|Restart session|pytest session|test session|session's (persistent )?"
                      r"(compilation )?cache", re.IGNORECASE)
 TEXT_SUFFIXES = {".py", ".md", ".json", ".jsonl", ".toml", ".sh", ".txt", ".ipynb", ".cfg", ".yaml", ".yml"}
 
