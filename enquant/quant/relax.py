@@ -153,7 +153,9 @@ def _check_number(name: str, value, ok: Callable[[float], bool], what: str) -> N
     raise ValueError(f"{name} must be a number {what}, got {value!r}")
 
 
-def _check_int(name: str, value, minimum: int):
+def _check_count(value, name: str, minimum: int):
+  """As :func:`enquant.attacks.core.check_int` (same argument order), but also accepting numpy integers
+  and, unchecked, traced values (optax.inject_hyperparams)."""
   if isinstance(value, _TRACER):
     return value
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -237,8 +239,8 @@ def binary_relax(
     raise ValueError(f"projection must be callable, got {projection!r}")
   _check_number("lambda0", lambda0, lambda v: v > 0, "> 0")
   _check_number("growth", growth, lambda v: v >= 1, ">= 1")
-  growth_every = _check_int("growth_every", growth_every, 1)
-  relax_steps = _check_int("relax_steps", relax_steps, 0)
+  growth_every = _check_count(growth_every, "growth_every", 1)
+  relax_steps = _check_count(relax_steps, "relax_steps", 0)
   if mask is not None and not callable(mask):
     jax.tree.map(_static_bool, mask)  # its structure is checked against params at update time
 
