@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from enquant import attacks
+from enquant import evalprograms
 from enquant import evaluate as ev
 from enquant import files
 
@@ -156,10 +158,10 @@ def test_partial_logits_fn_reuses_the_compiled_attack_for_new_weights():
   spec = SPECS[1:2]  # fgsm
   a = ev.evaluate(jax.tree_util.Partial(apply, jnp.float32(1.0)), images, LABELS, spec, batch_size=4,
                   key=jax.random.key(0), progress=False)
-  size = ev._spec_correct._cache_size()  # pylint: disable=protected-access
+  size = evalprograms.attack_correct._cache_size()  # pylint: disable=protected-access
   b = ev.evaluate(jax.tree_util.Partial(apply, jnp.float32(-1.0)), images, LABELS, spec, batch_size=4,
                   key=jax.random.key(0), progress=False)
-  assert ev._spec_correct._cache_size() == size  # pylint: disable=protected-access
+  assert evalprograms.attack_correct._cache_size() == size  # pylint: disable=protected-access
   assert a["natural"] == pytest.approx(NATURAL) and a["fgsm"] == pytest.approx(ROBUST)
   # flipped: correct on .95 (label 0, 0.45 from the boundary: robust) and .42 (label 1, 0.08: not)
   assert b["natural"] == pytest.approx(2 / 7) and b["fgsm"] == pytest.approx(1 / 7)
@@ -269,9 +271,28 @@ def test_parse_attacks_rejects_unknown_and_duplicate_names():
 def test_robustbench_entry():
   result = {"natural": 0.8, "A2": 0.45, "n": 100}
   assert ev.robustbench_entry(result, "A2", eps=8 / 255) == {
-      "clean_acc": 0.8, "robust_acc": 0.45, "threat_model": "Linf", "eps": 8 / 255}
+      "clean_acc": 0.8, "robust_acc": 0.45, "threat_model": "Linf", "eps": 8 / 255,
+      "counting": ev.COUNTING["worst_case"]}
   with pytest.raises(ValueError, match="no attack named 'A3'"):
     ev.robustbench_entry(result, "A3", eps=0.031)
+
+
+def test_worst_case_and_robustbench_entry_count_clean_and_robust_images():
+  # The flipped oracle moves .42 (label 1, wrong when clean) to .52, right under attack: the paper's
+  # per-attack counting (6/7) exceeds clean accuracy (5/7); the field's counting does not.
+  acc, masks = ev.transfer(flipped_model, pixel_model, _images_uint8(), LABELS, SPECS[1:2],
+                           batch_size=4, key=jax.random.key(0), progress=False, return_masks=True)
+  assert acc["natural"] == pytest.approx(NATURAL) and acc["fgsm"] == pytest.approx(6 / 7)
+  expected = np.array([1, 1, 1, 1, 1, 0, 0], bool)  # .95 wrong clean; .42 wrong clean, right attacked
+  np.testing.assert_array_equal(masks["fgsm"], [1, 1, 1, 1, 1, 0, 1])
+  np.testing.assert_array_equal(ev.worst_case(masks), expected)
+  np.testing.assert_array_equal(ev.worst_case(masks, clean=False), masks["fgsm"])
+  entry = ev.robustbench_entry(acc, "fgsm", eps=EPS, masks=masks)
+  assert entry["robust_acc"] == pytest.approx(5 / 7) and entry["robust_acc"] <= entry["clean_acc"]
+  with pytest.raises(ValueError, match="exceeds the clean accuracy"):
+    ev.robustbench_entry(acc, "fgsm", eps=EPS)  # paper counting refused as a RobustBench number
+  with pytest.raises(ValueError, match="needs masks\\['natural'\\]"):
+    ev.worst_case({"fgsm": masks["fgsm"]})
 
 
 def test_bad_data_raise_clear_errors():
@@ -289,9 +310,10 @@ def test_bad_data_raise_clear_errors():
 def test_worst_case_counts_an_image_robust_only_if_every_attack_failed():
   masks = {"natural": np.array([1, 1, 1, 0], bool), "A1": np.array([1, 0, 1, 1], bool),
            "A2": np.array([1, 1, 0, 1], bool), "n": 4}
-  np.testing.assert_array_equal(ev.worst_case(masks), [True, False, False, True])
-  np.testing.assert_array_equal(ev.worst_case(masks, ["A2"]), masks["A2"])
+  np.testing.assert_array_equal(ev.worst_case(masks, clean=False), [True, False, False, True])
+  np.testing.assert_array_equal(ev.worst_case(masks), [True, False, False, False])
+  np.testing.assert_array_equal(ev.worst_case(masks, ["A2"], clean=False), masks["A2"])
   # Per image, the worst case is below the strongest single attack (0.5 < min(0.75, 0.75)).
-  assert ev.worst_case(masks).mean() < min(masks["A1"].mean(), masks["A2"].mean())
+  assert ev.worst_case(masks, clean=False).mean() < min(masks["A1"].mean(), masks["A2"].mean())
   with pytest.raises(ValueError, match="at least one attack"):
     ev.worst_case(masks, [])
