@@ -19,7 +19,7 @@ PAPER_PGD_STEPS = 20
 CW_STEPS = 50
 CW_KAPPA = 50.0
 APGD_STEPS = 100
-_RESERVED = ("natural", "n")
+RESERVED_NAMES = ("natural", "n")  # keys of the results that are not attacks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +57,8 @@ class AttackSpec:
       object.__setattr__(self, field, float(value))
     if not isinstance(self.name, str) or not self.name:
       raise ValueError(f"AttackSpec name must be a non-empty string, got {self.name!r}")
-    if self.name in _RESERVED:
-      raise ValueError(f"AttackSpec name {self.name!r} is reserved (results hold {_RESERVED})")
+    if self.name in RESERVED_NAMES:
+      raise ValueError(f"AttackSpec name {self.name!r} is reserved (results hold {RESERVED_NAMES})")
     if self.kind not in KINDS:
       raise ValueError(f"AttackSpec {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
     if not self.eps >= 0:
@@ -193,4 +193,4 @@ def parse_attacks(names: str | Sequence[str], *, eps: float, step_size: float | 
 
 
 __all__ = ["APGD_STEPS", "AttackSpec", "CW_KAPPA", "CW_STEPS", "KINDS", "PAPER_EPS", "PAPER_PGD_STEPS",
-           "PAPER_STEP", "paper_specs", "paper_step_size", "parse_attacks"]
+           "PAPER_STEP", "RESERVED_NAMES", "paper_specs", "paper_step_size", "parse_attacks"]

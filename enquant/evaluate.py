@@ -51,7 +51,7 @@ from enquant import evalprograms as programs
 # The specs live in enquant.attackspecs and are re-exported here.
 from enquant.attackspecs import (  # pylint: disable=unused-import
     APGD_STEPS, AttackSpec, CW_KAPPA, CW_STEPS, KINDS, PAPER_EPS, PAPER_PGD_STEPS, PAPER_STEP,
-    paper_specs, paper_step_size, parse_attacks)
+    RESERVED_NAMES as _RESERVED, paper_specs, paper_step_size, parse_attacks)
 
 LogitsFn = Callable[[jax.Array, Any], jax.Array]
 
@@ -59,9 +59,6 @@ LogitsFn = Callable[[jax.Array, Any], jax.Array]
 # enquant's layout-friendly convolution gradient (enquant.models.conv) rolled loops run as fast as
 # unrolled ones on XLA:CPU and compile in seconds (BUILD_NOTES.md), so unrolling only costs compile time.
 MAX_UNROLL = 0
-
-_RESERVED = ("natural", "n")
-
 
 def craft(spec: AttackSpec, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key, *,
           max_unroll: int = MAX_UNROLL) -> jax.Array:
@@ -305,7 +302,7 @@ def worst_case(masks: Mapping[str, np.ndarray], names: Sequence[str] | None = No
   (default: every attack of ``masks``, i.e. all keys but ``"natural"`` and ``"n"``) and, with ``clean``
   (the default, as RobustBench and AutoAttack count), also correct on the clean image
   (``masks["natural"]``); ``clean=False`` intersects the attacks only."""
-  names = [k for k in masks if k not in _RESERVED and k != "n"] if names is None else list(names)
+  names = [k for k in masks if k not in _RESERVED] if names is None else list(names)
   if not names:
     raise ValueError("worst_case needs at least one attack")
   out = np.ones_like(np.asarray(masks[names[0]], bool))
