@@ -4,7 +4,8 @@ Times, in CPU seconds (median of rounds; the machine may be shared), the jitted 
 the cross-entropy as the attacks take it (``vmap`` of ``grad`` over K noise keys) and its parts, each
 alone at the same shapes (K x batch images per member, every member): every convolution (forward +
 input gradient, :func:`enquant.models.conv.conv2d`), every BatchNorm (inference, forward + gradient),
-the noise (std and add, forward + gradient; the normals), and the whole model without noise. Parts timed
+the noise (std and add, forward + gradient; the normals), and the whole model without noise (one
+gradient over the K copies of the batch: the same arithmetic less the noise). Parts timed
 alone do not add up exactly to the whole (fusion, scheduling); the rest is reported as
 "elementwise and other" (ReLU, residual sums, pooling, the loss, copies).
 """
@@ -102,7 +103,12 @@ def profile(model, images, eot_samples: int) -> dict:
     return jax.jit(lambda xx: jnp.mean(jax.vmap(jax.grad(loss), in_axes=(None, 0))(xx, keys), 0))
 
   whole = _cpu(eot_grad(model), x)
-  quiet = _cpu(eot_grad(EnResNet(dataclasses.replace(cfg, noise_coef=0.0))), x)
+  # Without noise the keys no longer matter (vmap would compute one sample): the same work is one
+  # gradient over the K copies of the batch.
+  quiet_model = EnResNet(dataclasses.replace(cfg, noise_coef=0.0))
+  tiled, y_tiled = jnp.tile(x, (eot_samples, 1, 1, 1)), jnp.tile(y, eot_samples)
+  quiet = _cpu(jax.jit(jax.grad(lambda xx: -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(
+      quiet_model.apply(variables, xx, None)), y_tiled[:, None], axis=1)))), tiled)
   n = eot_samples * x.shape[0] * cfg.ensembles  # images through each layer, all members
   convs, norms, noises = _layers(cfg, tuple(x.shape[1:]))
   conv_rows = {name: _conv_cost(n, hwc, cout, k, s) for name, hwc, cout, k, s in convs}

@@ -60,6 +60,7 @@ LogitsFn = Callable[[jax.Array, Any], jax.Array]
 # unrolled ones on XLA:CPU and compile in seconds (BUILD_NOTES.md), so unrolling only costs compile time.
 MAX_UNROLL = 0
 
+
 def craft(spec: AttackSpec, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key, *,
           max_unroll: int = MAX_UNROLL) -> jax.Array:
   """Runs the attack ``spec`` on ``logits_fn`` (jittable; returns ``x`` for kind ``"none"``).
