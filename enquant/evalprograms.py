@@ -164,9 +164,9 @@ class Ticker:
       fraction = min(self.count / self.expected, 0.99)
     self.report(fraction)
 
-  def end(self, program: Program) -> None:
+  def end(self, program: Program, completed: bool = True) -> None:
     Ticker.active = None
-    if self.count:
+    if completed and self.count:
       _LEARNED.setdefault(program, self.count)
 
 

@@ -191,11 +191,13 @@ class _Progress:
     self.base, self.size = self.bar.n, size
     if self.ticker is not None:
       self.ticker.begin(unit_program)
+    completed = False
     try:
       out = np.asarray(fn(*args, **kwargs))
+      completed = True
     finally:
       if self.ticker is not None:
-        self.ticker.end(unit_program)
+        self.ticker.end(unit_program, completed)
     self.bar.update(self.base + size - self.bar.n)
     return out
 
