@@ -146,11 +146,12 @@ class EnResNet:
       raise ValueError(f"conv_grad must be one of {CONV_GRADS}, got {self.conv_grad!r}")
 
   def map_members(self, fn, variables, keys):
-    """``vmap(fn)(variables, keys)`` or its unrolled equivalent (stacked outputs either way)."""
+    """``vmap(fn)(variables, keys)`` or its unrolled equivalent (stacked outputs either way); an
+    arbitrary ``fn`` cannot be grouped, so ``"grouped"`` maps it with ``vmap``."""
     strategy = self.member_map
     if strategy == "auto":
       strategy = "unrolled" if jax.default_backend() == "cpu" else "vmap"
-    if strategy == "vmap" or self.members == 1:
+    if strategy in ("vmap", "grouped") or self.members == 1:
       return jax.vmap(fn)(variables, keys)
     outs = [fn(jax.tree.map(lambda a, i=i: a[i], variables), keys[i]) for i in range(self.members)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
