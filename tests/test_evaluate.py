@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from enquant import attacks
+from enquant import evalprograms
 from enquant import evaluate as ev
 from enquant import files
 
@@ -156,10 +158,10 @@ def test_partial_logits_fn_reuses_the_compiled_attack_for_new_weights():
   spec = SPECS[1:2]  # fgsm
   a = ev.evaluate(jax.tree_util.Partial(apply, jnp.float32(1.0)), images, LABELS, spec, batch_size=4,
                   key=jax.random.key(0), progress=False)
-  size = ev._spec_correct._cache_size()  # pylint: disable=protected-access
+  size = evalprograms.attack_correct._cache_size()  # pylint: disable=protected-access
   b = ev.evaluate(jax.tree_util.Partial(apply, jnp.float32(-1.0)), images, LABELS, spec, batch_size=4,
                   key=jax.random.key(0), progress=False)
-  assert ev._spec_correct._cache_size() == size  # pylint: disable=protected-access
+  assert evalprograms.attack_correct._cache_size() == size  # pylint: disable=protected-access
   assert a["natural"] == pytest.approx(NATURAL) and a["fgsm"] == pytest.approx(ROBUST)
   # flipped: correct on .95 (label 0, 0.45 from the boundary: robust) and .42 (label 1, 0.08: not)
   assert b["natural"] == pytest.approx(2 / 7) and b["fgsm"] == pytest.approx(1 / 7)
@@ -269,9 +271,28 @@ def test_parse_attacks_rejects_unknown_and_duplicate_names():
 def test_robustbench_entry():
   result = {"natural": 0.8, "A2": 0.45, "n": 100}
   assert ev.robustbench_entry(result, "A2", eps=8 / 255) == {
-      "clean_acc": 0.8, "robust_acc": 0.45, "threat_model": "Linf", "eps": 8 / 255}
+      "clean_acc": 0.8, "robust_acc": 0.45, "threat_model": "Linf", "eps": 8 / 255,
+      "counting": ev.COUNTING["worst_case"]}
   with pytest.raises(ValueError, match="no attack named 'A3'"):
     ev.robustbench_entry(result, "A3", eps=0.031)
+
+
+def test_worst_case_and_robustbench_entry_count_clean_and_robust_images():
+  # The flipped oracle moves .42 (label 1, wrong when clean) to .52, right under attack: the paper's
+  # per-attack counting (6/7) exceeds clean accuracy (5/7); the field's counting does not.
+  acc, masks = ev.transfer(flipped_model, pixel_model, _images_uint8(), LABELS, SPECS[1:2],
+                           batch_size=4, key=jax.random.key(0), progress=False, return_masks=True)
+  assert acc["natural"] == pytest.approx(NATURAL) and acc["fgsm"] == pytest.approx(6 / 7)
+  expected = np.array([1, 1, 1, 1, 1, 0, 0], bool)  # .95 wrong clean; .42 wrong clean, right attacked
+  np.testing.assert_array_equal(masks["fgsm"], [1, 1, 1, 1, 1, 0, 1])
+  np.testing.assert_array_equal(ev.worst_case(masks), expected)
+  np.testing.assert_array_equal(ev.worst_case(masks, clean=False), masks["fgsm"])
+  entry = ev.robustbench_entry(acc, "fgsm", eps=EPS, masks=masks)
+  assert entry["robust_acc"] == pytest.approx(5 / 7) and entry["robust_acc"] <= entry["clean_acc"]
+  with pytest.raises(ValueError, match="exceeds the clean accuracy"):
+    ev.robustbench_entry(acc, "fgsm", eps=EPS)  # paper counting refused as a RobustBench number
+  with pytest.raises(ValueError, match="needs masks\\['natural'\\]"):
+    ev.worst_case({"fgsm": masks["fgsm"]})
 
 
 def test_bad_data_raise_clear_errors():
@@ -289,9 +310,113 @@ def test_bad_data_raise_clear_errors():
 def test_worst_case_counts_an_image_robust_only_if_every_attack_failed():
   masks = {"natural": np.array([1, 1, 1, 0], bool), "A1": np.array([1, 0, 1, 1], bool),
            "A2": np.array([1, 1, 0, 1], bool), "n": 4}
-  np.testing.assert_array_equal(ev.worst_case(masks), [True, False, False, True])
-  np.testing.assert_array_equal(ev.worst_case(masks, ["A2"]), masks["A2"])
+  np.testing.assert_array_equal(ev.worst_case(masks, clean=False), [True, False, False, True])
+  np.testing.assert_array_equal(ev.worst_case(masks), [True, False, False, False])
+  np.testing.assert_array_equal(ev.worst_case(masks, ["A2"], clean=False), masks["A2"])
   # Per image, the worst case is below the strongest single attack (0.5 < min(0.75, 0.75)).
-  assert ev.worst_case(masks).mean() < min(masks["A1"].mean(), masks["A2"].mean())
+  assert ev.worst_case(masks, clean=False).mean() < min(masks["A1"].mean(), masks["A2"].mean())
   with pytest.raises(ValueError, match="at least one attack"):
     ev.worst_case(masks, [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared programs, progress
+# --------------------------------------------------------------------------------------------------
+
+_W1 = jnp.asarray(np.random.default_rng(3).standard_normal((4, 6)), jnp.float32)
+_W2 = jnp.asarray(np.random.default_rng(4).standard_normal((6, 3)), jnp.float32)
+
+
+def mlp_model(x, key):
+  """A small nonlinear randomized model (attacks take several different steps on it)."""
+  h = jnp.tanh(4.0 * x.reshape(x.shape[0], -1) @ _W1)
+  return h @ _W2 + 0.5 * jax.random.normal(key, (x.shape[0], 3))
+
+
+def _direct_attack(spec, x, y, key):
+  """The attack of ``spec`` called with its settings as Python numbers (a program per spec)."""
+  common = dict(eps=spec.eps, key=key, eot_samples=spec.eot_samples)
+  if spec.kind == "fgsm":
+    return attacks.fgsm(mlp_model, x, y, **common)
+  common.update(steps=spec.steps, random_start=spec.random_start)
+  if spec.kind == "pgd":
+    return attacks.pgd(mlp_model, x, y, step_size=spec.step_size, **common)
+  if spec.kind == "cw":
+    return attacks.cw_linf(mlp_model, x, y, step_size=spec.step_size, kappa=spec.kappa, **common)
+  return attacks.apgd(mlp_model, x, y, loss=spec.kind[5:], **common)
+
+
+def test_shared_programs_craft_the_same_adversarial_examples_as_a_program_per_spec():
+  images, labels = _noisy_data()
+  x, y, key = jnp.asarray(images[:8]), jnp.asarray(labels[:8]), jax.random.key(5)
+  shared = jax.jit(evalprograms.craft_program, static_argnums=0)
+  fn = jax.tree_util.Partial(mlp_model)
+  for spec in ev.parse_attacks("fgsm-eot2,pgd4-eot2-rs,cw4,apgd-dlr4-eot2", eps=EPS, step_size=0.03,
+                               kappa=2.0):
+    program = evalprograms.program_of(spec, 0)
+    expected = jax.jit(lambda xx, yy, k, spec=spec: _direct_attack(spec, xx, yy, k))(x, y, key)
+    got = shared(program, evalprograms.constants_of(spec), fn, x, y, key)
+    assert float(jnp.max(jnp.abs(expected - x))) > 0, spec.name  # the attack moved the images
+    # Bitwise equal for fgsm/pgd/cw; APGD's fused arithmetic may differ in the last bit (1 ulp).
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7, err_msg=spec.name)
+
+
+def test_specs_differing_only_in_constants_share_one_compiled_program():
+  images, labels = _noisy_data()
+  specs = (ev.AttackSpec("a", "pgd", eps=0.1, step_size=0.03, steps=3, eot_samples=2),
+           ev.AttackSpec("b", "pgd", eps=0.05, step_size=0.01, steps=3, eot_samples=2, restarts=2))
+  size = evalprograms.attack_correct._cache_size()  # pylint: disable=protected-access
+  acc, masks = ev.evaluate(mlp_model, images, labels, specs, batch_size=8, key=jax.random.key(1),
+                           progress=False, return_masks=True)
+  assert evalprograms.attack_correct._cache_size() == size + 1  # pylint: disable=protected-access
+  for spec in specs:  # the documented keys with a program per spec give the same masks
+    expected = []
+    for b in range(N_NOISY // 8):
+      x, y = jnp.asarray(images[8 * b:8 * b + 8]), labels[8 * b:8 * b + 8]
+      spec_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(1), b), ev._stream(spec.name))  # pylint: disable=protected-access
+      ok = np.ones(8, bool)
+      for r in range(spec.restarts):
+        attack_key, eval_key = jax.random.split(jax.random.fold_in(spec_key, r))
+        ok &= np.argmax(mlp_model(_direct_attack(spec, x, y, attack_key), eval_key), -1) == y
+      expected.append(ok)
+    np.testing.assert_array_equal(masks[spec.name], np.concatenate(expected), err_msg=spec.name)
+    assert acc[spec.name] == pytest.approx(np.concatenate(expected).mean())
+
+
+def test_progress_fn_is_called_per_attack_and_per_batch_with_images_done_and_robust_so_far():
+  events = []
+  acc, masks = ev.evaluate(pixel_model, _images_uint8(), LABELS, SPECS[1:3], batch_size=4,
+                           key=jax.random.key(0), progress=False, return_masks=True,
+                           progress_fn=events.append)
+  assert [(e.attack, e.batch, e.images_done) for e in events] == [
+      ("natural", 0, 4), ("fgsm", 0, 4), ("pgd10", 0, 4), ("natural", 1, 7), ("fgsm", 1, 7),
+      ("pgd10", 1, 7)]
+  assert all(e.batches == 2 and e.images == 7 for e in events)
+  for e in events:
+    assert e.correct == masks[e.attack][:e.images_done].sum()
+  # robust so far: correct clean and under every attack finished on that image
+  steps = [masks["natural"], masks["natural"] & masks["fgsm"], ev.worst_case(masks)]
+  expected = [int(m[:4].sum()) for m in steps] + [int(steps[2][:4].sum() + m[4:7].sum()) for m in steps]
+  assert [e.robust for e in events] == expected
+  assert events[-1].robust == round(7 * ROBUST) and acc["pgd10"] == pytest.approx(ROBUST)
+
+
+def test_the_bar_moves_inside_a_compiled_call_and_first_compiles_are_announced(capsys, monkeypatch):
+  positions = []
+  move = ev._Progress._move  # pylint: disable=protected-access
+
+  def recording_move(self, fraction):
+    move(self, fraction)
+    positions.append((self.base, self.bar.n, fraction))
+  monkeypatch.setattr(ev._Progress, "_move", recording_move)  # pylint: disable=protected-access
+  spec = ev.parse_attacks("pgd6", eps=EPS, step_size=0.02)
+  for _ in range(2):
+    got = ev.evaluate(pixel_model, _images_uint8(), LABELS, spec, batch_size=4, key=jax.random.key(0),
+                      progress=True)
+    assert got["pgd6"] == pytest.approx(ROBUST)
+  err = capsys.readouterr().err
+  assert err.count("compiling the PGD-6 program (first use; cached afterwards)") == 1
+  # 6 passes per call, 2 batches, 2 evaluations: the bar moved within every call, never past its end
+  assert len(positions) == 4 * 6
+  assert all(0 < f < 1 for _, _, f in positions)
+  assert any(base < n for base, n, _ in positions)

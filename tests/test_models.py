@@ -64,22 +64,12 @@ def tiny():
   return model, variables, x, apply
 
 
-def test_forward_shapes_and_train_mode_returns_batch_stats(tiny):
-  model, variables, x, apply = tiny
-  logits = apply(variables, x, jax.random.PRNGKey(2))
-  chex.assert_shape(logits, (6, 5))
-  logits_t, stats = apply(variables, x, jax.random.PRNGKey(2), train=True)
-  chex.assert_shape(logits_t, (6, 5))
-  chex.assert_trees_all_equal_shapes(stats, variables["batch_stats"])
-  # Running statistics moved towards the batch statistics.
-  assert not np.allclose(stats["bn_final"]["mean"], variables["batch_stats"]["bn_final"]["mean"])
-
-
 def test_noise_is_reproducible_per_key_and_differs_across_keys(tiny):
   _, variables, x, apply = tiny
   a = apply(variables, x, jax.random.PRNGKey(3))
   b = apply(variables, x, jax.random.PRNGKey(3))
   c = apply(variables, x, jax.random.PRNGKey(4))
+  chex.assert_shape(a, (6, 5))
   chex.assert_trees_all_equal(a, b)
   assert float(jnp.max(jnp.abs(a - c))) > 1e-4
 
@@ -136,16 +126,41 @@ def test_members_are_independent_and_logits_are_averaged():
                               (member(0) + member(1)) / 2, atol=1e-6)
 
 
-def test_vmapped_and_unrolled_members_give_the_same_logits_and_stats():
-  cfg = ModelConfig(num_classes=5, ensembles=2, noise_coef=0.1, **TINY)
+def test_vmapped_unrolled_and_grouped_members_give_the_same_logits_and_stats():
+  # Three members (groups of 4 and 8 channels), the stride-2 projection shortcut and the noise included.
+  cfg = ModelConfig(num_classes=5, ensembles=3, noise_coef=0.1, **TINY)
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 3))
   v = EnResNet(cfg).init(jax.random.PRNGKey(0), x)
   key = jax.random.PRNGKey(2)
-  outs = [jax.jit(EnResNet(cfg, member_map=m).apply, static_argnames="train")(v, x, key, train=True)
-          for m in ("vmap", "unrolled")]
-  chex.assert_trees_all_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+  apply = {m: jax.jit(EnResNet(cfg, member_map=m).apply, static_argnames="train")
+           for m in ("vmap", "unrolled", "grouped")}
+  outs = {m: fn(v, x, key, train=True) for m, fn in apply.items()}
+  chex.assert_shape(outs["vmap"][0], (4, 5))
+  chex.assert_trees_all_equal_shapes(outs["vmap"][1], v["batch_stats"])
+  # Running statistics moved towards the batch statistics.
+  assert not np.allclose(outs["vmap"][1]["bn_final"]["mean"], v["batch_stats"]["bn_final"]["mean"])
+  chex.assert_trees_all_close(outs["vmap"], outs["unrolled"], atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(outs["vmap"], outs["grouped"], atol=1e-5, rtol=1e-5)
+  # Inference (running statistics) and the input gradient an attack takes, in one program each.
+  value_and_grad = {m: jax.jit(jax.value_and_grad(
+      lambda xx, m=m: jnp.sum(EnResNet(cfg, member_map=m).apply(v, xx, key) ** 2)))
+                    for m in ("unrolled", "grouped")}
+  chex.assert_trees_all_close(value_and_grad["unrolled"](x), value_and_grad["grouped"](x), atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(lambda xx: EnResNet(cfg, member_map="grouped").apply(v, xx, key))(x))
+  assert jaxpr.count("feature_group_count=3") == 2 * 3 + 2  # conv1, conv2 per block + 2 shortcuts
   with pytest.raises(ValueError, match="member_map"):
     EnResNet(cfg, member_map="pmap")
+
+
+def test_grouped_members_in_bfloat16_stay_close_to_float32():
+  cfg = ModelConfig(num_classes=5, ensembles=2, noise_coef=0.0, **TINY)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 3))
+  v = EnResNet(cfg).init(jax.random.PRNGKey(0), x)
+  bf16 = dataclasses.replace(cfg, compute_dtype="bfloat16")
+  f32 = EnResNet(cfg, member_map="grouped").apply(v, x, None)
+  got = EnResNet(bf16, member_map="grouped").apply(v, x, None)
+  assert got.dtype == jnp.float32
+  assert 0 < float(jnp.max(jnp.abs(got - f32))) < 0.05 * float(jnp.max(jnp.abs(f32)))
 
 
 @pytest.mark.parametrize("hw,k,stride,pad", [(8, 3, 1, (1, 1)), (8, 3, 2, (1, 1)), (7, 3, 2, (1, 1)),

@@ -112,7 +112,7 @@ class ModelConfig:
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LEGACY_NOISE_RNG = "threefry"
 CONV_GRADS = ("layout", "lax")
-MEMBER_MAPS = ("auto", "vmap", "unrolled")
+MEMBER_MAPS = ("auto", "vmap", "unrolled", "grouped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +125,11 @@ class EnResNet:
       (``jax.vmap``: batched convolutions, the natural choice on GPU/TPU); ``"unrolled"`` applies member i
       to slice i of the same stacked arrays, one after the other in the same jitted program (XLA:CPU runs
       vmapped convolutions as a slow grouped convolution: measured 13x slower for En2 on 2 CPU cores,
-      BUILD_NOTES.md). ``"auto"``: unrolled on CPU, vmap elsewhere. Both give the same numbers (tested);
-      the random keys per member are the same.
+      BUILD_NOTES.md); ``"grouped"`` runs all members as one network with the members' channels side
+      by side, every convolution one grouped convolution (``feature_group_count`` = members,
+      :func:`enquant.models.resnet.grouped_apply`; for GPUs/TPUs, with JAX's own convolution
+      gradient). ``"auto"``: unrolled on CPU, vmap elsewhere. All give the same numbers up to float
+      rounding (tested); the random keys per member are the same.
     conv_grad: ``"layout"`` (:mod:`enquant.models.conv`: input gradients as forward-layout convolutions,
       which XLA:CPU runs ~4x faster inside rolled attack loops) or ``"lax"`` (JAX's stock rule; kept for
       benchmarks). Identical values and gradients.
@@ -143,11 +146,12 @@ class EnResNet:
       raise ValueError(f"conv_grad must be one of {CONV_GRADS}, got {self.conv_grad!r}")
 
   def map_members(self, fn, variables, keys):
-    """``vmap(fn)(variables, keys)`` or its unrolled equivalent (stacked outputs either way)."""
+    """``vmap(fn)(variables, keys)`` or its unrolled equivalent (stacked outputs either way); an
+    arbitrary ``fn`` cannot be grouped, so ``"grouped"`` maps it with ``vmap``."""
     strategy = self.member_map
     if strategy == "auto":
       strategy = "unrolled" if jax.default_backend() == "cpu" else "vmap"
-    if strategy == "vmap" or self.members == 1:
+    if strategy in ("vmap", "grouped") or self.members == 1:
       return jax.vmap(fn)(variables, keys)
     outs = [fn(jax.tree.map(lambda a, i=i: a[i], variables), keys[i]) for i in range(self.members)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
@@ -186,6 +190,15 @@ class EnResNet:
                          "pass a PRNG key for its noise")
       key = jax.random.PRNGKey(0)  # never drawn from: the model has no noise
     keys = jax.random.split(key, self.members)
+
+    if self.member_map == "grouped":
+      dtype = None if self.config.compute_dtype == "float32" else jnp.dtype(self.config.compute_dtype)
+      out = resnet.grouped_apply(variables, x, keys, stages=self.config.block_stages,
+                                 noise_coef=self.config.noise_coef, noise_rng=self.config.noise_rng,
+                                 train=train, compute_dtype=dtype)
+      if train:
+        return jnp.mean(out[0], axis=0), out[1]
+      return jnp.mean(out, axis=0)
 
     def apply_one(v, k):
       if train:
