@@ -12,7 +12,7 @@ import numpy as np
 
 from enquant.attacks import core
 
-KINDS = ("none", "fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr")
+KINDS = ("none", "fgsm", "pgd", "cw", "cw-l2", "apgd-ce", "apgd-dlr")
 
 # The paper's CIFAR-10 setting (docs/DESIGN.md §3): eps 0.031 (~8/255), IFGSM step 0.003, 20 steps.
 PAPER_EPS = core.PAPER_EPS
@@ -31,10 +31,11 @@ class AttackSpec:
   Attributes:
     name: key of its accuracy in the results (unique within an evaluation).
     kind: one of ``"none"`` (the clean images, one more noise draw), ``"fgsm"``, ``"pgd"`` (IFGSM, CE),
-      ``"cw"`` (CW margin under l_inf PGD), ``"apgd-ce"``, ``"apgd-dlr"``.
+      ``"cw"`` (CW margin under l_inf PGD), ``"cw-l2"`` (the EnResNet code's C&W: L2, Adam, rescaled to
+      eps; :func:`enquant.attacks.cw_l2_rescaled`), ``"apgd-ce"``, ``"apgd-dlr"``.
     eps: l_inf radius.
-    step_size: sign-gradient step (pgd, cw; unused by fgsm, apgd, none).
-    steps: iterations (pgd, cw, apgd).
+    step_size: sign-gradient step (pgd, cw; unused by the others).
+    steps: iterations (pgd, cw, cw-l2, apgd).
     random_start: start from a random point of the eps-ball.
     restarts: independent runs (fresh keys); an example is robust only if it survives all of them.
     eot_samples: noise keys each gradient is averaged over (EOT; 1 = none).
@@ -67,7 +68,7 @@ class AttackSpec:
       raise ValueError(f"AttackSpec {self.name!r}: eps must be >= 0, got {self.eps}")
     if self.kind in ("pgd", "cw") and not self.step_size > 0:
       raise ValueError(f"AttackSpec {self.name!r}: step_size must be > 0, got {self.step_size}")
-    if self.kind in ("pgd", "cw", "apgd-ce", "apgd-dlr") and not (
+    if self.kind in ("pgd", "cw", "cw-l2", "apgd-ce", "apgd-dlr") and not (
         isinstance(self.steps, int) and self.steps >= 1):
       raise ValueError(f"AttackSpec {self.name!r}: steps must be an int >= 1, got {self.steps!r}")
     if not (isinstance(self.restarts, int) and self.restarts >= 1):
@@ -97,8 +98,8 @@ def paper_specs(eps: float = PAPER_EPS, *, eot_samples: int = 1,
   start, as in the EnResNet evaluation code. A3: the same step and no random start (so A2 and A3
   differ only in loss and step count; 50 x 0.003 covers the ball ~5 times), margin loss with
   kappa = 50 (Madry et al.'s CW-l_inf: keeps pushing past the decision boundary, which matters for
-  randomized models whose prediction is re-drawn at evaluation). The EnResNet code's own "C&W" was an
-  L2 Adam attack rescaled to eps, not a bounded l_inf attack (docs/DESIGN.md §3); this is the l_inf one.
+  randomized models whose prediction is re-drawn at evaluation). The EnResNet code's own "C&W", an L2
+  Adam attack rescaled to eps (docs/DESIGN.md §5), is the attack ``cwl2`` (:func:`parse_attacks`).
 
   Args:
     eps: l_inf radius (0.031 ~ 8/255 for CIFAR/SVHN in the paper).
@@ -120,7 +121,8 @@ def paper_specs(eps: float = PAPER_EPS, *, eot_samples: int = 1,
 
 
 _NAME_RE = re.compile(
-    r"^(?P<base>none|fgsm|pgd(?P<pgd>\d+)|cw(?P<cw>\d+)|apgd-(?P<aloss>ce|dlr)(?P<asteps>\d+)?"
+    r"^(?P<base>none|fgsm|pgd(?P<pgd>\d+)|cwl2(?P<cwl2>\d+)?|cw(?P<cw>\d+)"
+    r"|apgd-(?P<aloss>ce|dlr)(?P<asteps>\d+)?"
     r"|a(?P<preset>[123]))(?P<mods>(?:-(?:eot\d+|r\d+|rs))*)$")
 
 
@@ -130,8 +132,9 @@ def parse_attacks(names: str | Sequence[str], *, eps: float, step_size: float | 
 
   Grammar: ``BASE(-MOD)*``, comma separated, case-insensitive.
     BASE: ``none``; ``fgsm``; ``pgd<N>`` (IFGSM, N steps, no random start); ``cw<N>`` (CW-l_inf, N
-      steps, confidence ``kappa``); ``apgd-ce[<N>]``, ``apgd-dlr[<N>]`` (``apgd_steps`` by default,
-      random start); ``a1``/``a2``/``a3`` (the paper's presets, :func:`paper_specs`).
+      steps, confidence ``kappa``); ``cwl2[<N>]`` (the EnResNet code's C&W: N Adam steps on the L2
+      objective, 50 by default, then rescaled to eps); ``apgd-ce[<N>]``, ``apgd-dlr[<N>]``
+      (``apgd_steps`` by default, random start); ``a1``/``a2``/``a3`` (the paper's presets, :func:`paper_specs`).
     MOD: ``eot<K>`` (EOT over K noise keys), ``r<R>`` (R restarts, random start), ``rs`` (random
       start).
   Example: ``"fgsm,pgd20,cw50,pgd20-eot10,pgd100-r5,apgd-ce,apgd-dlr-eot20"``.
@@ -160,8 +163,8 @@ def parse_attacks(names: str | Sequence[str], *, eps: float, step_size: float | 
     m = _NAME_RE.match(entry)
     if m is None:
       raise ValueError(
-          f"unknown attack {raw.strip()!r}: expected none, fgsm, pgd<N>, cw<N>, apgd-ce[<N>], "
-          "apgd-dlr[<N>] or a1/a2/a3, optionally followed by -eot<K>, -r<R>, -rs")
+          f"unknown attack {raw.strip()!r}: expected none, fgsm, pgd<N>, cw<N>, cwl2[<N>], "
+          "apgd-ce[<N>], apgd-dlr[<N>] or a1/a2/a3, optionally followed by -eot<K>, -r<R>, -rs")
     options: dict[str, Any] = {}
     for mod in m.group("mods").split("-")[1:]:
       if mod == "rs":
@@ -181,6 +184,9 @@ def parse_attacks(names: str | Sequence[str], *, eps: float, step_size: float | 
       spec = AttackSpec(entry, "fgsm", eps=eps, **options)
     elif m.group("pgd"):
       spec = AttackSpec(entry, "pgd", eps=eps, step_size=step, steps=int(m.group("pgd")), **options)
+    elif base.startswith("cwl2"):
+      steps = int(m.group("cwl2")) if m.group("cwl2") else CW_STEPS
+      spec = AttackSpec(entry, "cw-l2", eps=eps, steps=steps, **options)
     elif m.group("cw"):
       spec = AttackSpec(entry, "cw", eps=eps, step_size=step, steps=int(m.group("cw")), kappa=kappa,
                         **options)

@@ -118,8 +118,9 @@ class EvalConfig:
   """Final evaluation (the paper's A1-A3 at eps 0.031 on the whole test set)."""
 
   attacks: str = setting("a1,a2,a3", "Final evaluation attacks, comma-separated: a1 (FGSM), a2 "
-                         "(IFGSM-20), a3 (CW-l_inf 50), fgsm, pgd<N>, cw<N>, apgd-ce, apgd-dlr, with "
-                         "optional -eot<K>, -r<R> (restarts), -rs (random start).", flag="attacks")
+                         "(IFGSM-20), a3 (CW-l_inf 50), fgsm, pgd<N>, cw<N>, cwl2 (the EnResNet code's "
+                         "L2 C&W rescaled to eps), apgd-ce, apgd-dlr, with optional -eot<K>, -r<R> "
+                         "(restarts), -rs (random start).", flag="attacks")
   eot_samples: int = setting(5, "Also run every attack with EOT over K noise draws (randomized models "
                              "only; 0 or 1: off).", flag="eot_samples")
   eps: float = setting(PAPER_EPS, "Evaluation attack l_inf radius, in (0, 1] (the paper: 0.031).",

@@ -27,16 +27,16 @@ import numpy as np
 
 from enquant import attacks
 
-LOOP_KINDS = ("pgd", "cw", "apgd-ce", "apgd-dlr")
-_LABELS = {"none": "natural", "fgsm": "FGSM", "pgd": "PGD", "cw": "CW", "apgd-ce": "APGD-CE",
-           "apgd-dlr": "APGD-DLR"}
+LOOP_KINDS = ("pgd", "cw", "cw-l2", "apgd-ce", "apgd-dlr")
+_LABELS = {"none": "natural", "fgsm": "FGSM", "pgd": "PGD", "cw": "CW", "cw-l2": "CW-L2",
+           "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR"}
 
 
 class Program(NamedTuple):
   """The static structure of an attack (a jit static argument; hashable).
 
   Attributes:
-    kind: ``"none"``, ``"fgsm"``, ``"pgd"``, ``"cw"``, ``"apgd-ce"`` or ``"apgd-dlr"``.
+    kind: ``"none"``, ``"fgsm"``, ``"pgd"``, ``"cw"``, ``"cw-l2"``, ``"apgd-ce"`` or ``"apgd-dlr"``.
     steps: iterations (0 for none and fgsm).
     random_start: start from a random point of the ball (False for none and fgsm).
     eot_samples: noise keys per gradient (1 for none).
@@ -86,6 +86,8 @@ def craft_program(program: Program, constants, logits_fn, x, y, key) -> jax.Arra
     return x
   if program.kind == "fgsm":
     return attacks.fgsm(logits_fn, x, y, **common)
+  if program.kind == "cw-l2":  # Adam from x itself: no random start, a rolled loop
+    return attacks.cw_l2_rescaled(logits_fn, x, y, steps=program.steps, **common)
   common.update(random_start=program.random_start, unroll=program.unroll)
   if program.kind == "pgd":
     return attacks.pgd(logits_fn, x, y, step_size=step_size, steps=program.steps, **common)

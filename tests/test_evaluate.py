@@ -126,7 +126,7 @@ def test_natural_and_restarts_follow_the_documented_key_derivation(noisy_runs):
   images, labels = _noisy_data()
   key = jax.random.key(1)
   natural = robust = 0
-  stream = ev._stream("none-r3")  # pylint: disable=protected-access
+  stream = attacks.core.stream_id("none-r3")
   for b in range(N_NOISY // 8):
     x, y = jnp.asarray(images[8 * b:8 * b + 8]), labels[8 * b:8 * b + 8]
     batch_key = jax.random.fold_in(key, b)
@@ -239,6 +239,9 @@ def test_parse_attacks_short_names():
           by_name["apgd-dlr50-r3"].restarts) == ("apgd-dlr", 50, 3)
   assert by_name["pgd7-rs"].random_start and by_name["pgd7-rs"].restarts == 1
   assert by_name["A2-eot4"].steps == 20 and by_name["A2-eot4"].eot_samples == 4
+  cwl2, cwl2_10 = ev.parse_attacks("cwl2,cwl210-eot3", eps=0.031)  # the EnResNet code's C&W
+  assert (cwl2.kind, cwl2.steps, cwl2.random_start) == ("cw-l2", 50, False)
+  assert (cwl2_10.steps, cwl2_10.eot_samples) == (10, 3)
   assert by_name["fgsm"].to_dict() == {
       "name": "fgsm", "kind": "fgsm", "eps": 0.031, "step_size": 0.0, "steps": 0,
       "random_start": False, "restarts": 1, "eot_samples": 1, "kappa": 0.0}
@@ -338,6 +341,8 @@ def _direct_attack(spec, x, y, key):
   common = dict(eps=spec.eps, key=key, eot_samples=spec.eot_samples)
   if spec.kind == "fgsm":
     return attacks.fgsm(mlp_model, x, y, **common)
+  if spec.kind == "cw-l2":
+    return attacks.cw_l2_rescaled(mlp_model, x, y, steps=spec.steps, **common)
   common.update(steps=spec.steps, random_start=spec.random_start)
   if spec.kind == "pgd":
     return attacks.pgd(mlp_model, x, y, step_size=spec.step_size, **common)
@@ -351,7 +356,8 @@ def test_shared_programs_craft_the_same_adversarial_examples_as_a_program_per_sp
   x, y, key = jnp.asarray(images[:8]), jnp.asarray(labels[:8]), jax.random.key(5)
   shared = jax.jit(evalprograms.craft_program, static_argnums=0)
   fn = jax.tree_util.Partial(mlp_model)
-  for spec in ev.parse_attacks("fgsm-eot2,pgd4-eot2-rs,cw4,apgd-dlr4-eot2", eps=EPS, step_size=0.03,
+  names = "fgsm-eot2,pgd4-eot2-rs,cw4,cwl24-eot2,apgd-dlr4-eot2"
+  for spec in ev.parse_attacks(names, eps=EPS, step_size=0.03,
                                kappa=2.0):
     program = evalprograms.program_of(spec, 0)
     expected = jax.jit(lambda xx, yy, k, spec=spec: _direct_attack(spec, xx, yy, k))(x, y, key)
@@ -373,7 +379,8 @@ def test_specs_differing_only_in_constants_share_one_compiled_program():
     expected = []
     for b in range(N_NOISY // 8):
       x, y = jnp.asarray(images[8 * b:8 * b + 8]), labels[8 * b:8 * b + 8]
-      spec_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(1), b), ev._stream(spec.name))  # pylint: disable=protected-access
+      batch_key = jax.random.fold_in(jax.random.key(1), b)
+      spec_key = jax.random.fold_in(batch_key, attacks.core.stream_id(spec.name))
       ok = np.ones(8, bool)
       for r in range(spec.restarts):
         attack_key, eval_key = jax.random.split(jax.random.fold_in(spec_key, r))
