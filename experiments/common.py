@@ -268,7 +268,8 @@ def run(dataset: str, defaults: dict | None = None, workdir: str | None = None):
     start_distributed()
     main = distributed.is_main_process()
     cfg = config_from_flags(dataset, defaults)
-    if main and cfg.data_source == "embedded" and FLAGS.data_source is None:
+    if (main and cfg.data_source == "embedded" and FLAGS.data_source is None
+        and "data_source" not in (defaults or {})):  # switched by --quick, not the entry's (demo) default
       print("note: no local MNIST files: --quick trains on the embedded 5000/1000 MNIST sample "
             "(--data_dir=DIR or --data_source=tfds for the full set)")
     workdir = FLAGS.workdir or workdir or default_workdir(cfg)
