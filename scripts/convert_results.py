@@ -15,7 +15,12 @@ Run results (``runs/``, ``seeds_runs/``, ``epochs_runs/``, ``reruns/``) and tran
   exactly from the kept difference and normal interval (so that the exact McNemar test can decide it).
 
 Every converted file must load as :class:`enquant.results.RunResults` (or an evaluation) before it is
-written; run names (hashes of the configuration) do not change. Files already at the schema are skipped.
+written. Files already at the schema are skipped.
+
+A run configuration written without ``model.noise_rng`` (runs whose noise came from threefry, made before
+the field existed) gets ``"noise_rng": "threefry"``; its run name (a hash of the configuration) changes, so
+the file is renamed (:func:`name_noise_rng`) and the tables are rebuilt with
+``python -m experiments.paper --table=all --tables_only``.
 """
 
 import glob
@@ -86,8 +91,32 @@ def convert_transfer(data: dict, where: str) -> dict:
   return out
 
 
+def name_noise_rng(root: str) -> int:
+  """Writes ``noise_rng: threefry`` into run configurations without it and renames their files."""
+  from experiments.paper import scales  # pylint: disable=g-import-not-at-top
+  from enquant.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
+  renamed = 0
+  for path in sorted(glob.glob(os.path.join(root, "*", "*", "*.json"))):
+    data = files.read_json(path)
+    model = data.get("config", {}).get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or "noise_rng" in model:
+      continue
+    model["noise_rng"] = "threefry"
+    old = os.path.basename(path)[:-len(".json")]
+    new = scales.run_name(ExperimentConfig.from_dict(data["config"]))
+    if data.get("workdir", "").endswith(old):
+      data["workdir"] = data["workdir"][:-len(old)] + new
+    target = os.path.join(os.path.dirname(path), new + ".json")
+    files.write_json_atomic(target, data)
+    if target != path:
+      os.remove(path)
+    print(f"{path} -> {target}")
+    renamed += 1
+  return renamed
+
+
 def main(root: str) -> int:
-  changed = 0
+  changed = name_noise_rng(root)
   for path in sorted(glob.glob(os.path.join(root, "*", "*", "*.json"))):
     kind = os.path.basename(os.path.dirname(path))
     if kind not in ("runs", "seeds_runs", "epochs_runs", "reruns", "transfers"):

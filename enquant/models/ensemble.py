@@ -36,8 +36,7 @@ class ModelConfig:
     compute_dtype: dtype of the convolutions' arithmetic: "float32", or "bfloat16" (float32 parameters,
       BatchNorm, noise and logits; for GPU/TPU tensor cores).
     noise_rng: generator of the noise's normals (:mod:`enquant.models.noise`): ``"hash"`` (default, ~4x
-      cheaper on CPUs) or ``"threefry"`` (``jax.random.normal``; what a configuration written before this
-      field existed used, see :meth:`from_dict`). Same distribution, different draws.
+      cheaper on CPUs) or ``"threefry"`` (``jax.random.normal``). Same distribution, different draws.
   """
 
   num_classes: int = 10
@@ -64,21 +63,13 @@ class ModelConfig:
       raise ValueError(f"noise_rng must be one of {noise_lib.NOISE_RNGS}, got {self.noise_rng!r}")
 
   def to_dict(self) -> dict[str, Any]:
-    """The fields as a JSON-ready dict; ``noise_rng`` is left out when it is ``"threefry"``, so the
-    configurations (and the fingerprints and run names hashed from them) of runs made before the field
-    existed are unchanged."""
-    d = dataclasses.asdict(self)
-    if d["noise_rng"] == LEGACY_NOISE_RNG:
-      del d["noise_rng"]
-    return d
+    """The fields as a JSON-ready dict."""
+    return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    """Inverse of :meth:`to_dict` (lists become tuples); a dict without ``noise_rng`` was written before
-    the field existed, by runs whose noise came from threefry."""
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    fields.setdefault("noise_rng", LEGACY_NOISE_RNG)
-    return cls(**fields)
+    """Inverse of :meth:`to_dict` (lists become tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
   @property
   def block_stages(self) -> tuple[int, ...]:
@@ -110,7 +101,6 @@ class ModelConfig:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-LEGACY_NOISE_RNG = "threefry"
 CONV_GRADS = ("layout", "lax")
 MEMBER_MAPS = ("auto", "vmap", "unrolled", "grouped")
 
