@@ -187,6 +187,24 @@ def figure_examples(cfg, model, variables, ds, path: str, count: int = 8, kind: 
                              probs(x), probs(x_adv), eps=spec.eps, attack=spec.name)
 
 
+# What a results.md footnote says of each attack that ran (by the name's base, before -eotK and @eps).
+ATTACK_NOTES = {"A1": "A1 FGSM", "A2": "A2 IFGSM-20",
+                "A3": "A3 CW-l_inf (untargeted margin loss under PGD)",
+                "cwl2": "cwl2 the EnResNet code's C&W (L2, Adam, rescaled to eps)"}
+
+
+def _footnote(results: dict[str, Any], acc: dict[str, Any]) -> str:
+  """The footnote of :func:`markdown_row`: the evaluation's images and eps, and only the attacks that ran."""
+  bases = {k.split("@")[0].split("-eot")[0] for k in acc if k not in ("natural", "n")}
+  named = [text for base, text in ATTACK_NOTES.items() if base in bases]
+  eot = any("-eot" in k for k in acc)
+  return (f"\n\nRobust accuracy on the first {acc.get('n', 0)} test images, eps "
+          f"{results['config']['eval']['eps']:.4g}; N on all {results['test_examples']}. "
+          + "".join(f"{text}, " for text in named)
+          + "counted as the paper counts (correct under the attack); worst case: correct on the clean image "
+          "and under every attack" + ("; -eotK: gradients averaged over K noise draws" if eot else "") + ".\n")
+
+
 def markdown_row(results: dict[str, Any]) -> str:
   """The paper-style table row (N, A1..A3 with and without EOT, sparsity, size) as Markdown."""
   cfg = results["config"]
@@ -222,9 +240,5 @@ def markdown_row(results: dict[str, Any]) -> str:
   header = "| " + " | ".join(cols) + " |"
   sep = "|" + "|".join("---" for _ in cols) + "|"
   body = "| " + " | ".join(str(v) for v in cols.values()) + " |"
-  note = (f"\n\nRobust accuracy on the first {acc.get('n', 0)} test images, eps "
-          f"{cfg['eval']['eps']:.4g}; N on all {results['test_examples']}. "
-          "A1 FGSM, A2 IFGSM-20, A3 CW-l_inf (untargeted margin loss under PGD), counted as the paper counts "
-          "(correct under the attack); worst case: correct on the clean image and under every attack; "
-          "-eotK: gradients averaged over K noise draws.\n") if acc else "\n"
+  note = _footnote(results, acc) if acc else "\n"
   return header + "\n" + sep + "\n" + body + note

@@ -206,3 +206,14 @@ def test_one_writer_per_run_directory_and_ctrl_c_is_one_line_with_exit_130(tmp_p
   assert re.fullmatch(r"interrupted at epoch \d+, step \d+; run the same command to resume\n", err), err
   epochs = [json.loads(l)["epoch"] for l in open(workdir / "metrics.jsonl")]
   assert epochs == list(range(1, len(epochs) + 1))  # one writer: no epoch twice
+
+
+def test_results_md_footnote_describes_only_the_attacks_that_ran():
+  results = {"config": {"dataset": "mnist", "quant": {"mode": "float", "bits": 1}, "loss": {"kind": "natural"},
+                        "eval": {"eps": 0.1}},
+             "model_name": "ResNet8", "natural_accuracy": 0.9, "test_examples": 1000,
+             "robust": {"accuracy": {"natural": 0.9, "A1": 0.5, "A2": 0.4, "n": 200}}}
+  quick = run_results.markdown_row(results)  # what mnist --quick runs: a1,a2
+  assert "A1 FGSM, A2 IFGSM-20," in quick and "A3" not in quick and "-eotK" not in quick
+  results["robust"]["accuracy"]["A3-eot5"] = 0.3
+  assert "A3 CW-l_inf" in run_results.markdown_row(results) and "-eotK" in run_results.markdown_row(results)
