@@ -2,10 +2,10 @@
 
 :func:`final_results` is the last stage of :func:`enquant.pipeline.train_and_evaluate`; the rest is shared with
 ``experiments.evaluate`` and ``experiments.paper`` (re-evaluations, transfer attacks, the tables' figures), so a
-run evaluated again uses exactly the attacks and keys it was evaluated with (:func:`eval_specs`).
+run evaluated again uses exactly the attacks and keys it was evaluated with (:func:`eval_specs`, the
+configuration's typed attack specs).
 """
 
-import dataclasses
 import os
 from typing import Any
 
@@ -28,19 +28,8 @@ from enquant.models.ensemble import EnResNet
 
 
 def eval_specs(cfg: ExperimentConfig):
-  """The final evaluation's attacks: ``cfg.eval.attacks`` at ``cfg.eval.eps``, plus EOT variants for
-  randomized models, plus every attack again at each of ``cfg.eval.extra_eps`` (named ``<name>@<eps>``)."""
-  base = list(evaluate_lib.parse_attacks(cfg.eval.attacks, eps=cfg.eval.eps))
-  if cfg.model.noise_coef > 0 and cfg.eval.eot_samples > 1:
-    base += [dataclasses.replace(s, name=f"{s.name}-eot{cfg.eval.eot_samples}",
-                                 eot_samples=cfg.eval.eot_samples)
-             for s in base if s.kind != "none" and s.eot_samples == 1]
-  specs = list(base)
-  for eps in cfg.eval.extra_eps:
-    for spec in evaluate_lib.parse_attacks(cfg.eval.attacks, eps=eps):
-      if spec.kind != "none":
-        specs.append(dataclasses.replace(spec, name=f"{spec.name}@{eps:g}"))
-  return tuple(specs)
+  """The final evaluation's typed attacks (:meth:`enquant.config.EvalConfig.attack_specs` of the run)."""
+  return cfg.eval.attack_specs(cfg.model.noise_coef > 0)
 
 
 def robust_evaluation(cfg: ExperimentConfig, model: EnResNet, variables, images, labels, *,
