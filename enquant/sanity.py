@@ -101,6 +101,56 @@ def default_tolerance(n: int, deterministic: bool) -> float:
   return 1.0 / n + (0.0 if deterministic else 3.0 * math.sqrt(0.5 / n))
 
 
+def _sweep_checks(attack, eps: float, large_eps: float, config: SanityConfig, tol: float
+                  ) -> tuple[dict, tuple]:
+  """The eps sweep: eps = 0 gives clean accuracy, accuracy never rises with eps, ~0 at a large eps.
+
+  Returns the checks and the sweep's attack at ``eps`` (the weaker attack of :func:`_strength_checks`).
+  """
+  grid = sorted({f * eps for f in config.eps_fractions} | {0.0, eps, large_eps})
+  sweep = {r: attack(1, r, apgd_steps=config.steps) for r in grid}
+  clean = sweep[eps][0]["clean"]
+  accs = [sweep[r][0]["autoattack"] for r in grid]
+  eps0 = sweep[0.0][0]["autoattack_rescored"]
+  return {
+      "eps0_equals_clean": {"passed": abs(eps0 - clean) <= tol, "clean": clean, "eps0": eps0},
+      "non_increasing_in_eps": {"passed": all(b <= a + tol for a, b in zip(accs, accs[1:])),
+                                "eps": grid, "robust_accuracy": accs},
+      "near_zero_at_large_eps": {
+          "passed": sweep[large_eps][0]["autoattack"] <= config.large_eps_max_accuracy + tol,
+          "eps": large_eps, "robust_accuracy": sweep[large_eps][0]["autoattack"],
+          "threshold": config.large_eps_max_accuracy}}, sweep[eps]
+
+
+def _strength_checks(attack, eps: float, weaker: tuple, config: SanityConfig, tol: float,
+                     deterministic: bool) -> dict:
+  """At eps: more steps never raise accuracy, black-box not stronger than white-box, EOT never weaker."""
+  checks = {}
+  weak_acc, weak = weaker
+  strong_acc, strong = attack(2, eps, apgd_steps=config.strong_steps, apgd_restarts=config.restarts)
+  checks["more_steps_never_raise"] = {
+      "passed": strong_acc["autoattack"] <= weak_acc["autoattack"] + tol,
+      f"apgd-ce {config.steps} steps": weak_acc["autoattack"],
+      f"apgd-ce {config.strong_steps} steps x {config.restarts} restarts": strong_acc["autoattack"],
+      "images_only_the_weaker_breaks": int(np.sum(strong["robust"] & ~weak["robust"]))}
+  white = strong["robust"] & weak["robust"]
+  square_acc, square = attack(3, eps, name="square", square_queries=config.square_queries)
+  checks["blackbox_not_stronger"] = {
+      "passed": square_acc["autoattack"] >= white.mean() - config.blackbox_margin - tol,
+      "square": square_acc["autoattack"], "square_queries": config.square_queries,
+      "white_box": float(white.mean()),
+      "images_only_square_breaks": int(np.sum(white & ~square["robust"]))}
+  if deterministic:
+    checks["eot_gap"] = {"passed": None, "note": "deterministic model: EOT changes nothing"}
+  else:
+    eot_acc, _ = attack(1, eps, eot=config.eot_samples, apgd_steps=config.steps)
+    checks["eot_gap"] = {
+        "passed": eot_acc["autoattack"] <= weak_acc["autoattack"] + tol,
+        "no_eot": weak_acc["autoattack"], "eot": eot_acc["autoattack"],
+        "eot_samples": config.eot_samples, "gap": weak_acc["autoattack"] - eot_acc["autoattack"]}
+  return checks
+
+
 def sanity_checks(logits_fn: core.LogitsFn, images, labels, *, eps: float, key, batch_size: int = 256,
                   config: SanityConfig | None = None,
                   attack_config: autoattack.AutoAttackConfig | None = None,
@@ -155,47 +205,9 @@ def sanity_checks(logits_fn: core.LogitsFn, images, labels, *, eps: float, key, 
                                version="custom", attacks=[name], eot_samples=eot, config=cfg,
                                batch_size=batch_size, progress=progress)
 
-  checks: dict[str, dict[str, Any]] = {}
-  grid = sorted({f * eps for f in config.eps_fractions} | {0.0, eps, large_eps})
-  sweep = {r: attack(1, r, apgd_steps=config.steps) for r in grid}
-  clean = sweep[eps][0]["clean"]
-  accs = [sweep[r][0]["autoattack"] for r in grid]
-
-  eps0 = sweep[0.0][0]["autoattack_rescored"]
-  checks["eps0_equals_clean"] = {"passed": abs(eps0 - clean) <= tol, "clean": clean, "eps0": eps0}
-  checks["non_increasing_in_eps"] = {
-      "passed": all(b <= a + tol for a, b in zip(accs, accs[1:])),
-      "eps": grid, "robust_accuracy": accs}
-  checks["near_zero_at_large_eps"] = {
-      "passed": sweep[large_eps][0]["autoattack"] <= config.large_eps_max_accuracy + tol,
-      "eps": large_eps, "robust_accuracy": sweep[large_eps][0]["autoattack"],
-      "threshold": config.large_eps_max_accuracy}
-
-  weak_acc, weak = sweep[eps]
-  strong_acc, strong = attack(2, eps, apgd_steps=config.strong_steps, apgd_restarts=config.restarts)
-  checks["more_steps_never_raise"] = {
-      "passed": strong_acc["autoattack"] <= weak_acc["autoattack"] + tol,
-      f"apgd-ce {config.steps} steps": weak_acc["autoattack"],
-      f"apgd-ce {config.strong_steps} steps x {config.restarts} restarts": strong_acc["autoattack"],
-      "images_only_the_weaker_breaks": int(np.sum(strong["robust"] & ~weak["robust"]))}
-
-  white = strong["robust"] & weak["robust"]
-  square_acc, square = attack(3, eps, name="square", square_queries=config.square_queries)
-  checks["blackbox_not_stronger"] = {
-      "passed": square_acc["autoattack"] >= white.mean() - config.blackbox_margin - tol,
-      "square": square_acc["autoattack"], "square_queries": config.square_queries,
-      "white_box": float(white.mean()),
-      "images_only_square_breaks": int(np.sum(white & ~square["robust"]))}
-
-  if deterministic:
-    checks["eot_gap"] = {"passed": None, "note": "deterministic model: EOT changes nothing"}
-  else:
-    eot_acc, _ = attack(1, eps, eot=config.eot_samples, apgd_steps=config.steps)
-    checks["eot_gap"] = {
-        "passed": eot_acc["autoattack"] <= weak_acc["autoattack"] + tol,
-        "no_eot": weak_acc["autoattack"], "eot": eot_acc["autoattack"],
-        "eot_samples": config.eot_samples, "gap": weak_acc["autoattack"] - eot_acc["autoattack"]}
-
+  checks, weaker = _sweep_checks(attack, eps, large_eps, config, tol)
+  checks.update(_strength_checks(attack, eps, weaker, config, tol, deterministic))
+  clean = checks["eps0_equals_clean"]["clean"]
   verdicts = [c["passed"] for c in checks.values() if c["passed"] is not None]
   return {"passed": all(verdicts), "checks": checks, "clean_accuracy": clean,
           "deterministic": deterministic, "tolerance": tol, "n": n, "eps": eps,
