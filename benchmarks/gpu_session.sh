@@ -18,7 +18,7 @@ BUDGET=${BUDGET:-570}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/session.log") 2>&1
+exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 
