@@ -23,11 +23,10 @@ from enquant import data as data_lib
 from enquant.attacks.core import PAPER_EPS
 from enquant.losses import LossConfig
 from enquant.models.ensemble import ModelConfig
+from enquant.quant import MBIT_METHODS, TERNARY_METHODS
 
 QUANT_MODES = ("float", "bc", "br")
 LR_SCHEDULES = ("multistep", "cosine", "constant")
-TERNARY_METHODS = ("br", "exact", "twn")
-MBIT_METHODS = ("bcgd", "lloyd", "exact")
 DATA_SOURCES = ("auto", "local", "tfds", "embedded")
 
 
