@@ -155,13 +155,21 @@ def check_writable(run: str) -> None:
 
 
 def evaluate_run() -> dict:
+  """Validates the flags and the run directory, then evaluates holding the run directory's lock."""
+  from enquant import files  # pylint: disable=g-import-not-at-top
+
+  overrides = eval_overrides()
+  check_writable(FLAGS.run)
+  with files.hold_lock(os.path.join(FLAGS.run, ".lock"), f"run directory {FLAGS.run}"):
+    return _evaluate_locked(overrides)  # one writer: no training or other evaluation meanwhile
+
+
+def _evaluate_locked(overrides: dict) -> dict:
   from enquant import data as data_lib  # pylint: disable=g-import-not-at-top
   from enquant import files  # pylint: disable=g-import-not-at-top
   from enquant import pipeline  # pylint: disable=g-import-not-at-top
   from enquant import run_results  # pylint: disable=g-import-not-at-top
 
-  overrides = eval_overrides()
-  check_writable(FLAGS.run)
   cfg, model, variables, _ = pipeline.load_run(FLAGS.run, data_dir=FLAGS.data_dir)
   cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **overrides))
   if FLAGS.noise_rng is not None and FLAGS.noise_rng != cfg.model.noise_rng:
@@ -224,7 +232,7 @@ def main(argv):
   except KeyboardInterrupt:
     print("interrupted; run the same command to resume (finished units are kept)", file=sys.stderr)
     sys.exit(130)
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: files.LockedError, the holder's pid
     print(f"error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
     sys.exit(2)
 

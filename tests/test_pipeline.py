@@ -138,6 +138,13 @@ def test_evaluate_cli_refuses_bad_flags_and_a_missing_run_with_one_line(tmp_path
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.count("\n") == 1, (flag, err)
     assert err.startswith("error: ") and cases[flag] in err, (flag, err)
+  # One writer per run directory: an evaluation waits for no one, it is refused naming the holder.
+  with files.hold_lock(os.path.join(tmp_path, ".lock"), "x"):
+    done = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--run={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode == 2 and done.stderr == (
+      f"error: run directory {tmp_path} is in use by pid {os.getpid()} (lock {tmp_path}/.lock); wait for "
+      "it to finish or stop it first\n"), done.stderr
 
 
 def test_evaluation_into_a_read_only_run_directory_fails_before_computing(ternary_run):
