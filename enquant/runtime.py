@@ -7,7 +7,7 @@ global effects.
 
 import os
 
-# The YNN fusion pass slows convolution training 1.8-2.2x on XLA:CPU (2-core AMD EPYC, docs/DESIGN.md).
+# The YNN fusion pass slows convolution training 1.8-2.2x on XLA:CPU (measured on AMD EPYC CPUs).
 # Disabling it changes speed only, never results. ENQUANT_XLA_CPU_FLAGS=0 leaves it out (e.g. for a jaxlib
 # that no longer knows the flag: XLA aborts on unknown flags).
 CPU_FAST_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="

@@ -16,8 +16,7 @@ the same ~5.3 sigma. The draws are deterministic in the key, independent across 
 twin), and behave under ``vmap`` and ``jit`` like any JAX sampler. It is not a cryptographic generator
 and makes no claim beyond the statistics that matter for injected noise.
 
-``"threefry"`` is ``jax.random.normal``: runs started before the choice existed used it (their
-``config.json`` has no ``noise_rng`` and reloads as threefry), Table VIII's two MNIST rows among them.
+``"threefry"`` is ``jax.random.normal``; ``ModelConfig.noise_rng`` records which generator a run used.
 
 References:
   Wellons. Prospecting for Hash Functions (lowbias32), 2018. https://nullprogram.com/blog/2018/07/31/
