@@ -715,3 +715,22 @@ def test_models_are_kept_beside_committed_results_and_float_models_load(tmp_path
   loaded, loaded_vars = export.load_model(str(tmp_path / "float.npz"))
   key = jax.random.PRNGKey(3)
   np.testing.assert_array_equal(loaded.apply_eval(loaded_vars, x, key), model.apply_eval(variables, x, key))
+
+
+def test_a_committed_model_reproduces_its_committed_per_image_results(shared_data_dir):
+  """Every ``results/<scale>/runs/<run>.npz`` is the model its committed results came from: the first test
+  images' clean predictions equal the committed per-image mask (deterministic nets: exactly)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from enquant import data, export  # pylint: disable=g-import-not-at-top
+  models = sorted(glob.glob(os.path.join(ROOT, "results", "*", "runs", "*.npz")))
+  assert models, "no committed model"
+  for path in models:
+    res = results_lib.RunResults.from_json(path[:-len(".npz")] + ".json")
+    model, variables = export.load_model(path)
+    if model.config.noise_coef > 0:
+      continue  # a randomized model's clean pass is one noise draw: not reproducible image by image
+    ds = data.load(res.config["dataset"], str(shared_data_dir), source="local", max_test=128, max_train=1)
+    logits = model.apply_eval(variables, data.to_float(ds.test_images), jax.random.PRNGKey(0))
+    correct = np.asarray(logits).argmax(-1) == ds.test_labels
+    np.testing.assert_array_equal(correct, res.robust.mask("natural")[:128], err_msg=path)
