@@ -69,8 +69,10 @@ def autoattack_evaluation(cfg, model, variables, images, labels, versions, *, pr
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from enquant.attacks import autoattack  # pylint: disable=g-import-not-at-top
+  from enquant import evalfiles  # pylint: disable=g-import-not-at-top
   from enquant import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from enquant.attacks import autoattack  # pylint: disable=g-import-not-at-top
+
   specs = cfg.eval.attack_specs(cfg.model.noise_coef > 0)
   key = jax.random.PRNGKey(cfg.eval.seed)
   target_fn = jax.tree_util.Partial(model.apply_eval, variables)
@@ -110,6 +112,8 @@ def autoattack_evaluation(cfg, model, variables, images, labels, versions, *, pr
       evaluate_lib.robustbench_entry(dict(acc, worst_case=float(worst.mean())), "worst_case",
                                      eps=cfg.eval.eps),
       attacks=at_eps, aggregation="per-image worst case", autoattack_acc=out["autoattack_acc"])
+  # Per-image masks (AutoAttack's: robust AND clean-correct), for paired claim checks on the same images.
+  out["masks"] = {name: evalfiles.pack_mask(mask) for name, mask in masks.items()}
   return out
 
 
