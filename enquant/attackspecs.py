@@ -14,7 +14,7 @@ from enquant.attacks import core
 
 KINDS = ("none", "fgsm", "pgd", "cw", "cw-l2", "apgd-ce", "apgd-dlr")
 
-# The paper's CIFAR-10 setting (docs/DESIGN.md §3): eps 0.031 (~8/255), IFGSM step 0.003, 20 steps.
+# The paper's CIFAR-10 setting (docs/DESIGN.md §5): eps 0.031 (~8/255), IFGSM step 0.003, 20 steps.
 PAPER_EPS = core.PAPER_EPS
 PAPER_STEP = 0.003
 PAPER_PGD_STEPS = 20

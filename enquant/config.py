@@ -19,6 +19,7 @@ import math
 import re
 from typing import Any, Iterator, NamedTuple
 
+from enquant import attackspecs
 from enquant import data as data_lib
 from enquant.attacks.core import PAPER_EPS
 from enquant.losses import LossConfig
@@ -144,18 +145,17 @@ class EvalConfig:
       raise ValueError(f"eval batch_size must be >= 1, got {self.batch_size}")
 
   def attack_specs(self, randomized: bool) -> tuple[Any, ...]:
-    """The typed attacks (:class:`enquant.evaluate.AttackSpec`): ``attacks`` at ``eps``, their EOT
+    """The typed attacks (:class:`enquant.attackspecs.AttackSpec`): ``attacks`` at ``eps``, their EOT
     variants for a randomized model (``eot_samples > 1``), then every attack at each of ``extra_eps``
     (named ``<name>@<eps>``). Raises ValueError naming an unknown attack."""
-    from enquant import evaluate  # pylint: disable=g-import-not-at-top  # attacks load on first use
-    base = list(evaluate.parse_attacks(self.attacks, eps=self.eps))
+    base = list(attackspecs.parse_attacks(self.attacks, eps=self.eps))
     if randomized and self.eot_samples > 1:
       base += [dataclasses.replace(s, name=f"{s.name}-eot{self.eot_samples}", eot_samples=self.eot_samples)
                for s in base if s.kind != "none" and s.eot_samples == 1]
     specs = list(base)
     for eps in self.extra_eps:
       specs += [dataclasses.replace(s, name=f"{s.name}@{eps:g}")
-                for s in evaluate.parse_attacks(self.attacks, eps=eps) if s.kind != "none"]
+                for s in attackspecs.parse_attacks(self.attacks, eps=eps) if s.kind != "none"]
     return tuple(specs)
 
 
@@ -228,7 +228,7 @@ FOREIGN_FLAGS = {"model.depth": "depth", "model.stages": "stages", "model.noise_
                  "loss.attack_bn": "train_attack_bn"}
 DERIVED = ("model.num_classes",)  # set by the dataset, never by hand
 
-# Each dataset's protocol as overrides of the defaults (the paper, docs/DESIGN.md section 3): CIFAR-10
+# Each dataset's protocol as overrides of the defaults (the paper, docs/DESIGN.md §5): CIFAR-10
 # trains PGD-AT (Tables I-IV, VII); the others loss (6) with alpha = 1, beta = 8 (Table VIII); MNIST and
 # Fashion-MNIST are also attacked at eps 0.1 and 0.3.
 PRESETS = {

@@ -4,7 +4,7 @@ The member network of an EnResNet (Wang, Shi, Osher 2019): a 3x3 stem convolutio
 pre-activation basic blocks (widths 16/32/64 by default, stride 2 at the start of stages 2 and 3 with a 1x1
 projection shortcut), a final BatchNorm-ReLU, global average pooling and a dense layer.
 
-Noise (docs/DESIGN.md §3): after each residual sum, ``out + noise_coef * std(out) * N(0, I)`` where ``std`` is ONE
+Noise (docs/DESIGN.md §5): after each residual sum, ``out + noise_coef * std(out) * N(0, I)`` where ``std`` is ONE
 scalar over the whole batch tensor (not stop-gradiented). The noise is drawn from the ``"noise"`` rng stream and
 is on at train *and* test time: EnResNet is a randomized defence. ``noise_coef=0`` removes it exactly.
 

@@ -28,7 +28,7 @@ from enquant.config import ExperimentConfig
 from experiments.paper.tables import TABLES, Check, Row, Table, Trend, table
 
 SCALES = ("paper", "cpu", "gpu<E>")
-# Binary-Relax schedule of the paper's runs (docs/DESIGN.md §3): lambda x1.05 per epoch, relaxed until epoch 80.
+# Binary-Relax schedule of the paper's runs (docs/DESIGN.md §5): lambda x1.05 per epoch, relaxed until epoch 80.
 BR_GROWTH, BR_RELAX_EPOCHS, PAPER_EPOCHS = 1.05, 80, 200
 
 
