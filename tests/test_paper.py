@@ -707,6 +707,16 @@ def test_models_are_kept_beside_committed_results_and_float_models_load(tmp_path
     assert store.results(paper.run_name(cfg)) is not None
     with open(store.model(paper.run_name(cfg)), "rb") as f:
       assert f.read() == model_file.encode()
+  # A rerun that differs from the committed results keeps its model beside the rerun, not the committed row.
+  cfg = paper.build_config(rows[0], "cpu")
+  name = paper.run_name(cfg)
+  with open(os.path.join(store.workdir(name), "results.json"), "w") as f:
+    json.dump(_fake_results(cfg, 0.85, 0.75), f)
+  with open(os.path.join(store.workdir(name), "model_packed.npz"), "wb") as f:
+    f.write(b"rerun")
+  assert store.results(name).natural_accuracy == 0.9  # the table keeps the first run
+  assert open(store.model(name), "rb").read() == b"model_packed.npz"
+  assert open(os.path.join(str(tmp_path / "results"), "reruns", name + ".npz"), "rb").read() == b"rerun"
   cfg = ExperimentConfig(model=ModelConfig(depth=8, ensembles=1, noise_coef=0.1, num_classes=10))
   model = EnResNet(cfg.model)
   x = np.random.default_rng(0).random((2, 28, 28, 1), np.float32)

@@ -131,16 +131,18 @@ class Store:
         log(reports.reproduction_report(name, committed, res) + "; the tables keep the committed results, "
             f"the rerun goes to {rerun_path}")
       files.write_json_atomic(rerun_path, reports.portable(res.to_dict()))
+      self.keep_model(name, float_run=res.config.get("quant", {}).get("mode") == "float", log=log,
+                      dest=rerun_path[:-len(".json")] + ".npz")  # the rerun's model, beside the rerun
       self.first_runs.add(name)
       return committed
     files.write_json_atomic(self.committed(name), reports.portable(res.to_dict()))
     self.keep_model(name, float_run=res.config.get("quant", {}).get("mode") == "float", log=log)
     return res
 
-  def keep_model(self, name: str, *, float_run: bool, log=print) -> str | None:
-    """Copies the run's model file beside its committed results (``runs/<run>.npz``); a float run trained
-    without one gets a float32 export of its newest checkpoint. Returns the path, or None."""
-    dest = self.model(name)
+  def keep_model(self, name: str, *, float_run: bool, log=print, dest: str | None = None) -> str | None:
+    """Copies the run's model file beside its committed results (``runs/<run>.npz``, or ``dest``); a float
+    run trained without one gets a float32 export of its newest checkpoint. Returns the path, or None."""
+    dest = dest or self.model(name)
     for fname in MODEL_FILES:
       src = os.path.join(self.workdir(name), fname)
       if os.path.exists(src):
