@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python scripts/autoattack_checks.py [--runs_root=runs/paper/cpu] [--results=results/cpu]
 
 For each pair below whose two runs have an AutoAttack evaluation (``python -m experiments.evaluate
---run=RUN --attacks=autoattack-rand|autoattack --max_examples=500 --tag=aa500``), the evaluation files are
+--run=RUN --attacks=autoattack-rand|autoattack --max_examples=N --tag=aaN``), the evaluation files are
 copied to ``<results>/autoattack/<run>.json`` (per-image masks included, so the check rebuilds without the
 run directories) and the checks are written to ``<results>/autoattack_checks.md`` and ``.json``. An image
 counts as robust under AutoAttack only if it is correct on the clean image and survives every attack.
@@ -42,29 +42,31 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs_root", default="runs/paper/cpu")
   parser.add_argument("--results", default="results/cpu")
+  parser.add_argument("--tag", default="aa100", help="the evaluations' --tag")
   args = parser.parse_args(argv)
   kept = os.path.join(args.results, "autoattack")
   os.makedirs(kept, exist_ok=True)
   for name in {r for pair in PAIRS for r in pair[2:]}:
-    src = os.path.join(args.runs_root, name, "evaluation-aa500.json")
+    src = os.path.join(args.runs_root, name, f"evaluation-{args.tag}.json")
     if os.path.exists(src):
       shutil.copyfile(src, os.path.join(kept, name + ".json"))
   rows, lines = [], [
-      "# Claim checks under AutoAttack (first 500 test images, eps 0.031)", "",
+      "# Claim checks under AutoAttack (eps 0.031)", "",
       "Robust = correct on the clean image and under every attack of the version (AutoAttack's count); "
       "b / c = images only the claimed-better / the other run keeps; exact McNemar p.", "",
-      "| table | claim | better (version) | other (version) | AA acc better / other | diff [95 %] "
-      "| b / c | p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+      "| table | claim | better (version) | other (version) | images | AA acc better / other "
+      "| diff [95 %] | b / c | p | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
   for table, claim, better, other in PAIRS:
     paths = [os.path.join(kept, r + ".json") for r in (better, other)]
     if not all(os.path.exists(p) for p in paths):
-      lines.append(f"| {table} | {claim} | {better} | {other} | not evaluated yet | | | | |")
+      lines.append(f"| {table} | {claim} | {better} | {other} | not evaluated yet | | | | | |")
       continue
     (mb, vb), (mo, vo) = (_robust_mask(files.read_json(p)) for p in paths)
     d = checks.paired_difference(mb, mo)
     rows.append({"table": table, "claim": claim, "better": better, "other": other, "versions": [vb, vo],
                  "accuracy": [float(mb.mean()), float(mo.mean())], **d})
-    lines.append(f"| {table} | {claim} | {better} ({vb}) | {other} ({vo}) | {100 * mb.mean():.2f} / "
+    lines.append(f"| {table} | {claim} | {better} ({vb}) | {other} ({vo}) | {mb.size} | "
+                 f"{100 * mb.mean():.2f} / "
                  f"{100 * mo.mean():.2f} | {d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] | "
                  f"{d['b']} / {d['c']} | {d['p']:.3g} | {d['verdict']} |")
   files.write_text_atomic(os.path.join(args.results, "autoattack_checks.md"), "\n".join(lines) + "\n")
