@@ -208,6 +208,14 @@ def _unit(track, craft_fn, eval_fn, x, y, key, spec: AttackSpec, valid: int, max
   return ok[:valid]
 
 
+def _fingerprint(images, labels, specs, key, craft_fn, eval_fn, **settings) -> str:
+  """The resume file's key: everything that sets a number, the weights held by the Partials included."""
+  settings.update(specs=[s.to_dict() for s in specs],
+                  fns=[str(jax.tree_util.tree_structure(f)) for f in (craft_fn, eval_fn)])
+  arrays = [images, labels, key, *jax.tree_util.tree_leaves((craft_fn, eval_fn))]
+  return evalfiles.fingerprint(settings, arrays)
+
+
 def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress, max_unroll, desc,
          resume_path=None, progress_fn=None):
   """The evaluation loop; returns ``(accuracies, per-example correctness)``."""
@@ -218,12 +226,8 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
   batch = min(batch_size, n)
   n_batches = -(-n // batch)
   masks = {"natural": np.zeros(n, bool), **{spec.name: np.zeros(n, bool) for spec in specs}}
-  fingerprint = ""
-  if resume_path is not None:  # everything that sets a number, the weights held by the Partials included
-    settings = {"desc": desc, "batch": batch, "max_unroll": max_unroll, "specs": [s.to_dict() for s in specs],
-                "fns": [str(jax.tree_util.tree_structure(f)) for f in (craft_fn, eval_fn)]}
-    fingerprint = evalfiles.fingerprint(
-        settings, [images, labels, key, *jax.tree_util.tree_leaves((craft_fn, eval_fn))])
+  fingerprint = "" if resume_path is None else _fingerprint(
+      images, labels, specs, key, craft_fn, eval_fn, desc=desc, batch=batch, max_unroll=max_unroll)
   done_units = evalfiles.load_progress(resume_path, fingerprint, masks)
 
   def finished(unit):
