@@ -744,3 +744,21 @@ def test_a_committed_model_reproduces_its_committed_per_image_results(shared_dat
     logits = model.apply_eval(variables, data.to_float(ds.test_images), jax.random.PRNGKey(0))
     correct = np.asarray(logits).argmax(-1) == ds.test_labels
     np.testing.assert_array_equal(correct, res.robust.mask("natural")[:128], err_msg=path)
+
+
+def test_autoattack_claim_checks_pair_the_kept_masks(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  import autoattack_checks  # pylint: disable=g-import-not-at-top,import-error
+  _, _, better, other = autoattack_checks.PAIRS[0]
+  masks = {better: np.array([1, 1, 1, 1, 0, 0, 1, 0] * 4, bool),
+           other: np.array([1, 0, 0, 0, 0, 0, 1, 0] * 4, bool)}
+  for name, mask in masks.items():
+    os.makedirs(tmp_path / "runs" / name)
+    evaluation = {"examples": mask.size, "masks": {"autoattack-rand": evalfiles.pack_mask(mask)}}
+    (tmp_path / "runs" / name / "evaluation-aa9.json").write_text(json.dumps(evaluation))
+  autoattack_checks.main([f"--runs_root={tmp_path / 'runs'}", f"--results={tmp_path / 'out'}", "--tag=aa9"])
+  rows = json.loads((tmp_path / "out" / "autoattack_checks.json").read_text())
+  assert len(rows) == 1 and (rows[0]["b"], rows[0]["c"]) == (12, 0)  # 3 of every 8 images only `better` keeps
+  assert rows[0]["p"] == pytest.approx(2 * 0.5 ** 12) and rows[0]["verdict"] == "holds"
+  assert (tmp_path / "out" / "autoattack" / (better + ".json")).exists()  # kept beside the results
+  assert "not evaluated yet" in (tmp_path / "out" / "autoattack_checks.md").read_text()  # the other pair
