@@ -6,7 +6,8 @@ For each pair below whose two runs have an AutoAttack evaluation (``python -m ex
 --run=RUN --attacks=autoattack-rand|autoattack --max_examples=N --tag=aaN``), the evaluation files are
 copied to ``<results>/autoattack/<run>.json`` (per-image masks included, so the check rebuilds without the
 run directories) and the checks are written to ``<results>/autoattack_checks.md`` and ``.json``. An image
-counts as robust under AutoAttack only if it is correct on the clean image and survives every attack.
+counts as robust under AutoAttack only if it is correct on the clean image and survives every attack. A
+pair evaluated on different counts is compared on the first images both evaluated (the same test images).
 """
 
 import argparse
@@ -42,14 +43,16 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs_root", default="runs/paper/cpu")
   parser.add_argument("--results", default="results/cpu")
-  parser.add_argument("--tag", default="aa100", help="the evaluations' --tag")
+  parser.add_argument("--tags", default="aa500,aa100",
+                      help="the evaluations' --tag, in order of preference (the first found is kept)")
   args = parser.parse_args(argv)
   kept = os.path.join(args.results, "autoattack")
   os.makedirs(kept, exist_ok=True)
   for name in {r for pair in PAIRS for r in pair[2:]}:
-    src = os.path.join(args.runs_root, name, f"evaluation-{args.tag}.json")
-    if os.path.exists(src):
-      shutil.copyfile(src, os.path.join(kept, name + ".json"))
+    found = [p for tag in args.tags.split(",") if os.path.exists(
+        p := os.path.join(args.runs_root, name, f"evaluation-{tag}.json"))]
+    if found:
+      shutil.copyfile(found[0], os.path.join(kept, name + ".json"))
   rows, lines = [], [
       "# Claim checks under AutoAttack (eps 0.031)", "",
       "Robust = correct on the clean image and under every attack of the version (AutoAttack's count); "
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
       lines.append(f"| {table} | {claim} | {better} | {other} | not evaluated yet | | | | | |")
       continue
     (mb, vb), (mo, vo) = (_robust_mask(files.read_json(p)) for p in paths)
+    n = min(mb.size, mo.size)
+    mb, mo = mb[:n], mo[:n]
     d = checks.paired_difference(mb, mo)
     rows.append({"table": table, "claim": claim, "better": better, "other": other, "versions": [vb, vo],
                  "accuracy": [float(mb.mean()), float(mo.mean())], **d})
