@@ -13,12 +13,12 @@ pair evaluated on different counts is compared on the first images both evaluate
 import argparse
 import json
 import os
-import shutil
 import sys
 
 from enquant import evalfiles
 from enquant import files
 from experiments.paper import checks
+from experiments.paper import reports
 
 # (table, claim, claimed-better run, other run): the rows that decide Tables I and II at cpu scale.
 PAIRS = (
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
   for name in {r for pair in PAIRS for r in pair[2:]}:
     found = [p for tag in args.tags.split(",") if os.path.exists(
         p := os.path.join(args.runs_root, name, f"evaluation-{tag}.json"))]
-    if found:
-      shutil.copyfile(found[0], os.path.join(kept, name + ".json"))
+    if found:  # kept as committed results are: no absolute path of this machine
+      files.write_json_atomic(os.path.join(kept, name + ".json"), reports.portable(files.read_json(found[0])))
   rows, lines = [], [
       "# Claim checks under AutoAttack (eps 0.031)", "",
       "Robust = correct on the clean image and under every attack of the version (AutoAttack's count); "

@@ -42,3 +42,12 @@ def test_no_tracked_text_file_tells_the_projects_history():
     if lines:
       found[name] = lines[:3]
   assert not found, f"history in {len(found)} files: {found}"
+
+
+def test_no_tracked_file_holds_an_absolute_path_of_the_checkout():
+  """Committed results name run directories relative to the repository, never this machine's paths."""
+  tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+  found = [name for name in tracked if (ROOT / name).suffix in TEXT_SUFFIXES and (ROOT / name).is_file()
+           and str(ROOT) + "/" in (ROOT / name).read_text(encoding="utf-8", errors="replace")]
+  assert not found, f"absolute paths of {ROOT} in {found}"

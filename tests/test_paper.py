@@ -754,11 +754,13 @@ def test_autoattack_claim_checks_pair_the_kept_masks(tmp_path):
            other: np.array([1, 0, 0, 0, 0, 0, 1, 0] * 4, bool)}
   for name, mask in masks.items():
     os.makedirs(tmp_path / "runs" / name)
-    evaluation = {"examples": mask.size, "masks": {"autoattack-rand": evalfiles.pack_mask(mask)}}
+    evaluation = {"examples": mask.size, "masks": {"autoattack-rand": evalfiles.pack_mask(mask)},
+                  "run": str(tmp_path / "runs" / name)}
     (tmp_path / "runs" / name / "evaluation-aa9.json").write_text(json.dumps(evaluation))
   autoattack_checks.main([f"--runs_root={tmp_path / 'runs'}", f"--results={tmp_path / 'out'}", "--tags=aa9"])
   rows = json.loads((tmp_path / "out" / "autoattack_checks.json").read_text())
   assert len(rows) == 1 and (rows[0]["b"], rows[0]["c"]) == (12, 0)  # 3 of every 8 images only `better` keeps
   assert rows[0]["p"] == pytest.approx(2 * 0.5 ** 12) and rows[0]["verdict"] == "holds"
-  assert (tmp_path / "out" / "autoattack" / (better + ".json")).exists()  # kept beside the results
+  kept = json.loads((tmp_path / "out" / "autoattack" / (better + ".json")).read_text())  # beside the results
+  assert not os.path.isabs(kept["run"])  # no path of this machine
   assert "not evaluated yet" in (tmp_path / "out" / "autoattack_checks.md").read_text()  # the other pair

@@ -215,7 +215,7 @@ def table_markdown(tbl, scale: str, rows: list[dict[str, Any]], checks: list[dic
 def portable(results: dict) -> dict:
   """A run's results (or a transfer evaluation) as committed under ``results/``: absolute paths of the
   machine it ran on made relative to the cwd."""
-  return {k: os.path.relpath(v) if k in ("workdir", "dataset_source", "oracle") and isinstance(v, str)
+  return {k: os.path.relpath(v) if k in ("workdir", "dataset_source", "oracle", "run") and isinstance(v, str)
           and os.path.isabs(v) else v for k, v in results.items()}
 
 
