@@ -26,6 +26,8 @@ PAIRS = (
      "fmnist-En1ResNet8-bc1b-at-00690997"),
     ("II", "En1ResNet8 beats ResNet8, BR", "fmnist-En1ResNet8-br1b-at-4e0638c4",
      "fmnist-ResNet8-br1b-at-587b4405"),
+    ("II", "En1ResNet8 beats ResNet8, float", "fmnist-En1ResNet8-float-at-decc62b5",
+     "fmnist-ResNet8-float-at-78878527"),
 )
 KEYS = ("autoattack-rand", "autoattack")  # the version each evaluation ran (randomized / deterministic)
 
