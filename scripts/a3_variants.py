@@ -200,7 +200,8 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
         f" The paper's row (Table {paper['table']}, {paper['row']}): N {paper['N']:.2f}, A2 "
         f"{paper['A2']:.2f}, A3 {paper['A3']:.2f}"
         f"{', A2 < A3 < N' if paper['A2 < A3 < N'] else ', not A2 < A3 < N'}.")
-    lines.append(f"- {row['name']} ({row['dataset']}, eps {row['eps']:g}, {row['images']} images): "
+    lines.append(f"- {row['name']} ({row['dataset'] or 'dataset unknown'}, eps {row['eps']:g}, "
+                 f"{row['images']} images): "
                  f"{_pattern_sentence(row)}; {_paired_sentence(row)}.{ref}")
   held = [r["name"] for r in rows if r["A2 < cwl2 < natural"]]
   above = sum(r["cwl2 > A2"] for r in rows)
@@ -214,7 +215,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   """The report (module docstring): command, counting, the rows, the paired tests and the verdict."""
   lines = ["# A3 variants: CW-l_inf (ours) vs the EnResNet code's C&W (cwl2)", "",
            f"Command: `{SCRIPT}` over the evaluations below (runs/demo comes from `python -m "
-           "experiments.demo`, runs/paper/cpu/* from `python -m experiments.paper`):", ""]
+           "experiments.demo`, runs/paper/cpu/* from `python -m experiments.paper --scale=cpu`):", ""]
   lines += [f"- `{r['command']}`" for r in rows]
   held, total = paper_pattern()
   lines += ["", f"Counting: {COUNTING}. A2 is IFGSM-20, A3 CW-l_inf (50 steps, kappa 50), cwl2 the EnResNet "
@@ -225,7 +226,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     p = r["paper"] or {}
     paper = [f"Table {p['table']} {p['row']}" if p else "-"] + [
         "-" if p.get(k) is None else f"{p[k]:.2f}" for k in PAPER_COLUMNS]
-    lines.append("| " + " | ".join([r["name"], str(r["dataset"]), str(r["model"]), f"{r['eps']:g}",
+    lines.append("| " + " | ".join([r["name"], r["dataset"] or "-", r["model"] or "-", f"{r['eps']:g}",
                                     str(r["images"])] + [_pct(r, k) for k in ("natural",) + ATTACKS]
                                    + ["yes" if r["cwl2 > A2"] else "no",
                                       "yes" if r["A2 < cwl2 < natural"] else "no"] + paper) + " |")
