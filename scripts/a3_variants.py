@@ -40,8 +40,6 @@ COUNTING = ("per-attack counting, as the paper's tables: an image counts for an 
 A3_COLUMN = ("The tables' A3 column is CW-l_inf (attack `a3`): every committed run was evaluated with it, "
              "and `cwl2` needs a kept model.")
 SCRIPT = "PYTHONPATH=$PWD python scripts/a3_variants.py"
-
-
 HEADER = ("run", "dataset", "model", "eps", "images", "natural", "A1", "A2", "A3 (CW-l_inf)", "cwl2",
           "cwl2 > A2", "A2 < cwl2 < natural", "paper row", "paper N", "paper A1", "paper A2", "paper A3")
 
@@ -96,16 +94,23 @@ def _model(run: str) -> tuple[str | None, str | None]:
   return cfg.dataset, scales.run_name(cfg).split("-", 1)[1].rsplit("-", 1)[0]  # net-quant-loss
 
 
-def keep(run: str, path: str, tag: str, kept: str) -> str:
-  """Validates ``path`` and copies it (portable, with the run's dataset, model and the tag) to
-  ``kept/<run>.json``; returns the copy's path. Error (one line) for a bad file or a missing attack."""
+def read(path: str) -> results_lib.Evaluation:
+  """The evaluation ``path``, validated (:func:`enquant.results.read_evaluation`) and holding A2, A3, cwl2
+  and its eps; ResultsError or Error, one line naming it."""
   evaluation = results_lib.read_evaluation(path)
   missing = [k for k in ATTACKS[1:] if k not in evaluation.accuracy]
+  if missing:
+    raise Error(f"{path}: no {', '.join(missing)} accuracy (evaluate with --attacks=a1,a2,a3,cwl2)")
   eps = evaluation.data.get("eps")
   if isinstance(eps, bool) or not isinstance(eps, (int, float)):
     raise Error(f"{path}: eps must be a number, got {eps!r}")
-  if missing:
-    raise Error(f"{path}: no {', '.join(missing)} accuracy (evaluate with --attacks=a1,a2,a3,cwl2)")
+  return evaluation
+
+
+def keep(run: str, path: str, tag: str, kept: str) -> str:
+  """Validates ``path`` (:func:`read`) and copies it (portable, with the run's dataset, model and the tag)
+  to ``kept/<run>.json``; returns the copy's path."""
+  evaluation = read(path)
   dataset, model = _model(run)
   data = dict(reports.portable(evaluation.to_dict()), run=os.path.relpath(run), dataset=dataset,
               model=model, tag=tag)
@@ -134,7 +139,7 @@ def _paper(name: str, known: dict[str, tuple[str, tables.Row]]) -> dict[str, Any
 
 def row_of(path: str, known: dict[str, tuple[str, tables.Row]]) -> dict[str, Any]:
   """One model's row from its kept evaluation ``path`` (module docstring)."""
-  evaluation = results_lib.read_evaluation(path)
+  evaluation = read(path)
   data, acc = evaluation.data, {k: 100 * v for k, v in evaluation.accuracy.items()}
   name = os.path.basename(path)[:-len(".json")]
   specs = [s for s in data.get("attacks", []) if isinstance(s, dict)]

@@ -127,3 +127,13 @@ def test_an_evaluation_without_cwl2_is_one_line_naming_it(tmp_path, capsys):
   assert a3_variants.main([f"--runs={run}", f"--results={tmp_path / 'out'}"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "evaluation-a3var.json: no cwl2 accuracy" in err
+
+
+def test_a_kept_copy_without_cwl2_is_one_line_naming_it(tmp_path, capsys):
+  kept = tmp_path / "out" / "a3_variants"
+  kept.mkdir(parents=True)
+  (kept / "old.json").write_text(json.dumps({"accuracy": {"natural": 0.5, "A2": 0.25, "A3": 0.25, "n": 4},
+                                             "eps": 0.1}))
+  assert a3_variants.main([f"--runs={tmp_path / 'none'}", f"--results={tmp_path / 'out'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "old.json: no cwl2 accuracy" in err
