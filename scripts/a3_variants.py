@@ -107,16 +107,12 @@ def read(path: str) -> results_lib.Evaluation:
   return evaluation
 
 
-def keep(run: str, path: str, tag: str, kept: str) -> str:
-  """Validates ``path`` (:func:`read`) and copies it (portable, with the run's dataset, model and the tag)
-  to ``kept/<run>.json``; returns the copy's path."""
-  evaluation = read(path)
+def portable_copy(run: str, path: str, tag: str) -> dict[str, Any]:
+  """The evaluation ``path``, validated (:func:`read`), as kept: the run named relative to the working
+  directory, with the run's dataset and model (its ``config.json``) and the tag."""
   dataset, model = _model(run)
-  data = dict(reports.portable(evaluation.to_dict()), run=os.path.relpath(run), dataset=dataset,
+  return dict(reports.portable(read(path).to_dict()), run=os.path.relpath(run), dataset=dataset,
               model=model, tag=tag)
-  out = os.path.join(kept, os.path.basename(os.path.normpath(run)) + ".json")
-  files.write_json_atomic(out, data)
-  return out
 
 
 def _test(evaluation: results_lib.Evaluation, first: str, second: str) -> dict[str, Any] | None:
@@ -250,10 +246,12 @@ def build(args) -> list[dict[str, Any]]:
   found, skipped = find_evaluations(args.runs.split(","), [t for t in args.tags.split(",") if t])
   for line in skipped:
     print(line)
-  if found:
+  copies = {os.path.basename(os.path.normpath(run)): portable_copy(run, path, tag)
+            for run, path, tag in found}
+  if copies:  # every found evaluation validated before any is kept
     os.makedirs(kept, exist_ok=True)
-  for run, path, tag in found:
-    keep(run, path, tag, kept)
+  for name, data in copies.items():
+    files.write_json_atomic(os.path.join(kept, name + ".json"), data)
   paths = sorted(glob.glob(os.path.join(kept, "*.json")))
   if not paths:
     raise Error(f"no evaluation-{{{args.tags}}}.json in the run directories {args.runs} and none kept "

@@ -130,6 +130,7 @@ def test_an_evaluation_without_cwl2_is_one_line_naming_it(tmp_path, capsys):
   assert a3_variants.main([f"--runs={run}", f"--results={tmp_path / 'out'}"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "evaluation-a3var.json: no cwl2 accuracy" in err
+  assert not (tmp_path / "out" / "a3_variants").exists()  # nothing kept from a bad evaluation
 
 
 def test_a_kept_copy_without_cwl2_is_one_line_naming_it(tmp_path, capsys):
