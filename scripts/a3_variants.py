@@ -179,16 +179,26 @@ def _paired_sentence(row: dict[str, Any]) -> str:
           f"images only cwl2 leaves correct, {test['c']} only A3, exact McNemar p {test['p']:.3g}: {outcome}")
 
 
+def _reproduces(row: dict[str, Any]) -> bool:
+  """The paper's pattern on this model: cwl2 above A2 and below natural by more than the noise draws
+  (fewer images correct under cwl2 than clean, exact McNemar p < 0.05); without masks, the numbers alone."""
+  test = row["cwl2 vs natural"]
+  if not row["A2 < cwl2 < natural"]:
+    return False
+  return test is None or (test["p"] < checks.ALPHA and test["c"] > test["b"])
+
+
 def _pattern_sentence(row: dict[str, Any]) -> str:
   a2, cw, nat = _pct(row, "A2"), _pct(row, "cwl2"), _pct(row, "natural")
   test = row["cwl2 vs natural"]
   against = "" if test is None else (f"; cwl2 vs natural: {test['b']} / {test['c']} discordant images, "
                                      f"p {test['p']:.3g}")
+  if _reproduces(row):
+    return f"cwl2 lies between A2 and natural ({a2} < {cw} < {nat}{against}): the paper's pattern is reproduced"
   if row["A2 < cwl2 < natural"]:
-    close = test is not None and test["p"] >= checks.ALPHA
-    caveat = ", though cwl2 is not distinguishable from natural at the 5 % level" if close else ""
-    return (f"cwl2 lies between A2 and natural ({a2} < {cw} < {nat}{against}): the paper's pattern is "
-            f"reproduced{caveat}")
+    return (f"cwl2 lies between A2 and natural on the numbers ({a2} < {cw} < {nat}{against}), but is not "
+            "distinguishable from natural at the 5 % level: it leaves the accuracy at the natural level, so "
+            "the paper's pattern (A3 strictly between A2 and N) is not reproduced")
   if not row["cwl2 > A2"]:
     return f"cwl2 is not above A2 ({cw} vs {a2}): the paper's pattern is not reproduced"
   return (f"cwl2 is above A2 ({cw} vs {a2}) but not below natural ({nat}{against}): it leaves the accuracy "
@@ -207,11 +217,13 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     lines.append(f"- {row['name']} ({row['dataset'] or 'dataset unknown'}, eps {row['eps']:g}, "
                  f"{row['images']} images): "
                  f"{_pattern_sentence(row)}; {_paired_sentence(row)}.{ref}")
-  held = [r["name"] for r in rows if r["A2 < cwl2 < natural"]]
+  held = [r["name"] for r in rows if _reproduces(r)]
   above = sum(r["cwl2 > A2"] for r in rows)
-  lines += ["", f"cwl2 is above A2 on {above} of {len(rows)} models and reproduces the paper's pattern "
-                f"(A2 < A3 < N) on {len(held)} of {len(rows)}{': ' + ', '.join(held) if held else ''}. "
-                f"{A3_COLUMN}"]
+  between = sum(r["A2 < cwl2 < natural"] for r in rows)
+  lines += ["", f"cwl2 is above A2 on {above} of {len(rows)} models, between A2 and natural on the numbers on "
+                f"{between}, and reproduces the paper's pattern (A2 < A3 < N, A3 below N beyond the noise "
+                f"draws: exact McNemar p < 0.05) on {len(held)} of {len(rows)}"
+                f"{': ' + ', '.join(held) if held else ''}. {A3_COLUMN}"]
   return lines
 
 
