@@ -71,6 +71,8 @@ def craft(spec: AttackSpec, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key
   kappa enter as float32 data (:mod:`enquant.evalprograms`): one compiled program serves every spec of
   the same structure.
   """
+  if spec.kind == "apgd-dlr":
+    programs.check_classes(spec, jax.eval_shape(logits_fn, x, key).shape[-1])
   return programs.craft_program(programs.program_of(spec, max_unroll), programs.constants_of(spec),
                                 logits_fn, x, y, key)
 
@@ -208,6 +210,14 @@ def _unit(track, craft_fn, eval_fn, x, y, key, spec: AttackSpec, valid: int, max
   return ok[:valid]
 
 
+def _check_classes(specs, logits_fn, x, key) -> None:
+  """Refuses specs the model's class count cannot run (APGD-DLR needs 3), before any compile."""
+  if any(spec.kind == "apgd-dlr" for spec in specs):
+    num_classes = jax.eval_shape(logits_fn, x, key).shape[-1]
+    for spec in specs:
+      programs.check_classes(spec, num_classes)
+
+
 def _fingerprint(images, labels, specs, key, craft_fn, eval_fn, **settings) -> str:
   """The resume file's key: everything that sets a number, the weights held by the Partials included."""
   settings.update(specs=[s.to_dict() for s in specs],
@@ -238,6 +248,7 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
   # compiled call with the attack's steps (evalprograms.Ticker).
   track = _Progress(masks, n_batches, n * (1 + sum(spec.restarts for spec in specs)), desc=desc,
                     progress=progress, progress_fn=progress_fn)
+  _check_classes(specs, craft_fn, jnp.asarray(core.to_float(images[:1])), key)
   crafting = programs.ticking(craft_fn) if progress else craft_fn
   natural = programs.Program("none")
   try:

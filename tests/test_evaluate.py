@@ -356,7 +356,7 @@ def test_shared_programs_craft_the_same_adversarial_examples_as_a_program_per_sp
   x, y, key = jnp.asarray(images[:8]), jnp.asarray(labels[:8]), jax.random.key(5)
   shared = jax.jit(evalprograms.craft_program, static_argnums=0)
   fn = jax.tree_util.Partial(mlp_model)
-  names = "fgsm-eot2,pgd4-eot2-rs,cw4,cwl24-eot2,apgd-dlr4-eot2"
+  names = "fgsm-eot2,pgd4-eot2-rs,cw4,cwl24-eot2,apgd-ce4,apgd-dlr4-eot2"
   for spec in ev.parse_attacks(names, eps=EPS, step_size=0.03,
                                kappa=2.0):
     program = evalprograms.program_of(spec, 0)
@@ -367,10 +367,11 @@ def test_shared_programs_craft_the_same_adversarial_examples_as_a_program_per_sp
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7, err_msg=spec.name)
 
 
-def test_specs_differing_only_in_constants_share_one_compiled_program():
+@pytest.mark.parametrize("kinds", [("pgd", "pgd"), ("apgd-ce", "apgd-dlr")])
+def test_specs_differing_only_in_constants_share_one_compiled_program(kinds):
   images, labels = _noisy_data()
-  specs = (ev.AttackSpec("a", "pgd", eps=0.1, step_size=0.03, steps=3, eot_samples=2),
-           ev.AttackSpec("b", "pgd", eps=0.05, step_size=0.01, steps=3, eot_samples=2, restarts=2))
+  specs = (ev.AttackSpec("a", kinds[0], eps=0.1, step_size=0.03, steps=3, eot_samples=2),
+           ev.AttackSpec("b", kinds[1], eps=0.05, step_size=0.01, steps=3, eot_samples=2, restarts=2))
   size = evalprograms.attack_correct._cache_size()  # pylint: disable=protected-access
   acc, masks = ev.evaluate(mlp_model, images, labels, specs, batch_size=8, key=jax.random.key(1),
                            progress=False, return_masks=True)
@@ -388,6 +389,18 @@ def test_specs_differing_only_in_constants_share_one_compiled_program():
       expected.append(ok)
     np.testing.assert_array_equal(masks[spec.name], np.concatenate(expected), err_msg=spec.name)
     assert acc[spec.name] == pytest.approx(np.concatenate(expected).mean())
+
+
+def test_apgd_dlr_on_two_classes_is_refused_before_any_compile():
+  spec = ev.parse_attacks("apgd-dlr3", eps=EPS)
+  two_classes = lambda x, key: _pixel_logits(x[:, 0, 0, 0])[:, :2]
+  size = evalprograms.attack_correct._cache_size()  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="apgd-dlr needs at least 3 classes"):
+    ev.evaluate(two_classes, _images_uint8(), LABELS, spec, batch_size=4, key=jax.random.key(0),
+                progress=False)
+  assert evalprograms.attack_correct._cache_size() == size  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="apgd-dlr needs at least 3 classes"):
+    ev.craft(spec[0], two_classes, jnp.zeros((2, 2, 2, 1)), jnp.zeros(2, jnp.int32), jax.random.key(0))
 
 
 def test_progress_fn_is_called_per_attack_and_per_batch_with_images_done_and_robust_so_far():
