@@ -2,12 +2,12 @@
 
 An attack spec splits into its structure (:class:`Program`: kind, steps, random start, EOT count,
 unrolling: what shapes the compiled loop) and its constants (eps, step size, kappa and APGD's loss:
-passed to the program as a float32 array, traced data). Specs that differ only in their constants,
-their name or their restarts run one compiled program: ``pgd20`` and ``A2`` at the same settings, the
-same attack at several eps, or APGD-CE and APGD-DLR (kind ``"apgd"``, the loss an index into
-:data:`enquant.attacks.APGD_LOSSES`) compile once. Kind ``"none"`` runs the natural pass's program. The arithmetic
-is the one of a spec's own program (a float32 constant and a float32 argument are the same number),
-so the adversarial examples are equal (tested).
+passed to the program as a float32 array, traced data). Specs that differ only in their constants, their
+name or their restarts run one compiled program: ``pgd20`` and ``A2`` at the same settings, the same
+attack at several eps, or APGD-CE and APGD-DLR (kind ``"apgd"``, the loss an index into
+:data:`enquant.attacks.APGD_LOSSES`) compile once. Kind ``"none"`` runs the natural pass's program. The
+arithmetic is the one of a spec's own program (a float32 constant and a float32 argument are the same
+number), so the adversarial examples are equal (tested).
 
 Progress inside a compiled call: with a :class:`Ticker` active, the crafting model calls
 ``jax.debug.callback`` once per forward pass of the attack (once per step: an EOT ``vmap`` over the

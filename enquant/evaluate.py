@@ -11,15 +11,15 @@ hash of its name (so adding or reordering specs changes no other number); restar
 ``key`` gives the same numbers for randomized models (EnResNet's noise); record it next to the results.
 
 Compilation: one compiled program per attack structure (:mod:`enquant.evalprograms`: kind, steps, random
-start, EOT count, unrolling), shared by every spec of that structure: eps, step size and kappa are
-float32 data, so ``pgd20`` and ``A2``, or one attack at several eps, compile once; kind ``"none"`` runs
-the natural pass's program. Each is compiled once per shape: the last partial batch is padded (by
-repeating its own examples, so batch-wide statistics such as the noise's std stay close to those of real
-data) and the padding is masked out. With ``progress`` a plain line announces each program's first
-compile. Attack loops of at most ``max_unroll`` steps are unrolled (see :mod:`enquant.attacks` for the
-speed/compile-time trade-off). ``logits_fn`` is hashed by identity; pass
-``jax.tree_util.Partial(apply_fn, variables)`` to let the variables be traced arguments, so evaluating
-new weights of the same model reuses the compiled functions.
+start, EOT count, unrolling), shared by every spec of that structure: eps, step size, kappa and APGD's
+loss are float32 data, so ``pgd20`` and ``A2``, one attack at several eps, or ``apgd-ce`` and
+``apgd-dlr`` compile once; kind ``"none"`` runs the natural pass's program. Each is compiled once per
+shape: the last partial batch is padded (by repeating its own examples, so batch-wide statistics such as
+the noise's std stay close to those of real data) and the padding is masked out. With ``progress`` a
+plain line announces each program's first compile. Attack loops of at most ``max_unroll`` steps are
+unrolled (see :mod:`enquant.attacks` for the speed/compile-time trade-off). ``logits_fn`` is hashed by
+identity; pass ``jax.tree_util.Partial(apply_fn, variables)`` to let the variables be traced arguments,
+so evaluating new weights of the same model reuses the compiled functions.
 
 Counting (:data:`COUNTING`): a spec's accuracy counts the images correct on its adversarial images, as
 the paper's tables do; the per-image :func:`worst_case` and :func:`robustbench_entry` count an image
