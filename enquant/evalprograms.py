@@ -13,6 +13,10 @@ Progress inside a compiled call: with a :class:`Ticker` active, the crafting mod
 ``jax.debug.callback`` once per forward pass of the attack (once per step: an EOT ``vmap`` over the
 noise keys counts as one), so a long unit (EOT-10 APGD on a batch) reports its steps as they run.
 
+JAX does not write programs holding host callbacks to its persistent compilation cache, so the ticks
+would make every process compile the attack programs again: :func:`in_call_ticks` allows them only
+while that cache is off (with it on, as the entry points set it, progress moves per call).
+
 Compile notices: :func:`first_use` tells whether a program with these argument shapes runs for the
 first time in this process (the caller prints one plain line: "compiling the PGD-20 program (first
 use; cached afterwards)").
@@ -54,7 +58,7 @@ class Program(NamedTuple):
 
   @property
   def label(self) -> str:
-    """A short human name: ``"PGD-20 EOT-10"``, ``"APGD (CE/DLR)-100 EOT-10"``, ``"FGSM"``, ``"natural"``."""
+    """A short human name: ``"PGD-20 EOT-10"``, ``"APGD (CE/DLR)-100 EOT-10"``, ``"natural"``."""
     name = _LABELS[self.kind] + (f"-{self.steps}" if self.steps else "")
     return name + (f" EOT-{self.eot_samples}" if self.eot_samples > 1 else "")
 
@@ -184,6 +188,12 @@ class Ticker:
       _LEARNED.setdefault(program, self.count)
 
 
+def in_call_ticks() -> bool:
+  """Whether progress may tick inside compiled calls: only with JAX's persistent compilation cache off
+  (a program with a host callback is never written to it)."""
+  return not jax.config.jax_compilation_cache_dir
+
+
 def _tick() -> None:
   ticker = Ticker.active
   if ticker is not None:
@@ -202,4 +212,4 @@ def ticking(fn) -> jax.tree_util.Partial:
 
 
 __all__ = ["Program", "Ticker", "attack_correct", "check_classes", "constants_of", "craft_program",
-           "first_use", "natural_correct", "program_of", "signature", "ticking"]
+           "first_use", "in_call_ticks", "natural_correct", "program_of", "signature", "ticking"]

@@ -25,7 +25,9 @@ Counting (:data:`COUNTING`): a spec's accuracy counts the images correct on its 
 the paper's tables do; the per-image :func:`worst_case` and :func:`robustbench_entry` count an image
 robust only if it is also correct on the clean image, as RobustBench and AutoAttack do.
 
-Progress: the bar counts attacked images and moves inside each compiled call with the attack's steps;
+Progress: the bar counts attacked images and moves inside each compiled call with the attack's steps
+(only while JAX's persistent compilation cache is off: :func:`enquant.evalprograms.in_call_ticks`;
+with it on, as the entry points set it, the bar moves after every call, so the programs are cached);
 ``progress_fn`` receives an :class:`EvalProgress` (images done, correct, robust so far) after every
 finished (batch, attack) unit.
 
@@ -151,17 +153,18 @@ class _Progress:
   """The tqdm bar (moving inside compiled calls with :class:`enquant.evalprograms.Ticker`), compile
   notices, and the ``progress_fn`` events with the per-image robust-so-far mask."""
 
-  def __init__(self, masks, n_batches, total, *, desc, progress, progress_fn):
+  def __init__(self, masks, n_batches, total, *, desc, progress, ticks, progress_fn):
     self.masks, self.n_batches, self.progress_fn = masks, n_batches, progress_fn
     self.robust = masks["natural"].copy()  # filled by the natural pass first, then narrowed
     self.bar = tqdm.auto.tqdm(total=total, desc=desc, unit="img", disable=not progress,
                               dynamic_ncols=True)
-    self.ticker = programs.Ticker(self._move) if progress else None
+    self.progress = progress
+    self.ticker = programs.Ticker(self._move) if ticks else None
     self.base = self.size = 0
 
   def notice(self, sig: tuple, program: programs.Program) -> None:
     """One plain line before the first compile of a program (with the bar on)."""
-    if programs.first_use(sig) and self.ticker is not None:
+    if programs.first_use(sig) and self.progress:
       self.bar.write(f"compiling the {program.label} program (first use; cached afterwards)",
                      file=sys.stderr)
 
@@ -245,11 +248,12 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
     if resume_path is not None:
       evalfiles.save_progress(resume_path, fingerprint, masks, done_units)
   # The bar counts attacked images (one unit per image, attack and restart) and moves inside every
-  # compiled call with the attack's steps (evalprograms.Ticker).
+  # compiled call with the attack's steps (evalprograms.Ticker) unless the persistent cache is on.
+  ticks = progress and programs.in_call_ticks()
   track = _Progress(masks, n_batches, n * (1 + sum(spec.restarts for spec in specs)), desc=desc,
-                    progress=progress, progress_fn=progress_fn)
+                    progress=progress, ticks=ticks, progress_fn=progress_fn)
   _check_classes(specs, craft_fn, jnp.asarray(core.to_float(images[:1])), key)
-  crafting = programs.ticking(craft_fn) if progress else craft_fn
+  crafting = programs.ticking(craft_fn) if ticks else craft_fn
   natural = programs.Program("none")
   try:
     for b in range(n_batches):

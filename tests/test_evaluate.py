@@ -391,6 +391,27 @@ def test_specs_differing_only_in_constants_share_one_compiled_program(kinds):
     assert acc[spec.name] == pytest.approx(np.concatenate(expected).mean())
 
 
+def test_with_the_persistent_cache_on_compiled_calls_hold_no_callback_and_the_bar_still_ends(capsys):
+  assert jax.config.jax_compilation_cache_dir  # the tests' conftest turns the cache on
+  assert not evalprograms.in_call_ticks()
+  events = []
+  spec = ev.parse_attacks("pgd5", eps=EPS, step_size=0.02)
+  got = ev.evaluate(pixel_model, _images_uint8(), LABELS, spec, batch_size=4, key=jax.random.key(0),
+                    progress=True, progress_fn=events.append)
+  assert got["pgd5"] == pytest.approx(ROBUST) and len(events) == 4  # natural, pgd5 per batch
+  assert "14/14" in capsys.readouterr().err  # 7 images, natural and pgd5: the bar reaches its end
+  x = jnp.zeros((4, 2, 2, 1))
+  program = evalprograms.program_of(spec[0], 0)
+  hlo = evalprograms.attack_correct.lower(jax.tree_util.Partial(pixel_model), jax.tree_util.Partial(
+      pixel_model), x, jnp.zeros(4, jnp.int32), jax.random.key(0), evalprograms.constants_of(spec[0]),
+      program=program).as_text()
+  assert "callback" not in hlo
+  ticking = evalprograms.ticking(jax.tree_util.Partial(pixel_model))
+  assert "callback" in evalprograms.attack_correct.lower(
+      ticking, jax.tree_util.Partial(pixel_model), x, jnp.zeros(4, jnp.int32), jax.random.key(0),
+      evalprograms.constants_of(spec[0]), program=program).as_text()
+
+
 def test_apgd_dlr_on_two_classes_is_refused_before_any_compile():
   spec = ev.parse_attacks("apgd-dlr3", eps=EPS)
   two_classes = lambda x, key: _pixel_logits(x[:, 0, 0, 0])[:, :2]
@@ -429,6 +450,7 @@ def test_the_bar_moves_inside_a_compiled_call_and_first_compiles_are_announced(c
     move(self, fraction)
     positions.append((self.base, self.bar.n, fraction))
   monkeypatch.setattr(ev._Progress, "_move", recording_move)  # pylint: disable=protected-access
+  monkeypatch.setattr(evalprograms, "in_call_ticks", lambda: True)  # the persistent cache off
   spec = ev.parse_attacks("pgd6", eps=EPS, step_size=0.02)
   for _ in range(2):
     got = ev.evaluate(pixel_model, _images_uint8(), LABELS, spec, batch_size=4, key=jax.random.key(0),
