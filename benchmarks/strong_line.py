@@ -1,21 +1,22 @@
 """README's strong evaluation line at reduced size: one evaluation per process, two implementations.
 
-    python -m benchmarks.strong_line --compare --images=32 --rounds=2   # interleaved, writes results/bench/
-    python -m benchmarks.strong_line --impl=current --images=32          # one evaluation, JSON on stdout
-    python -m benchmarks.strong_line --profile --images=32               # where an EOT-10 gradient's time goes
+    python -m benchmarks.strong_line --compare --images=64 --rounds=2 --cache  # writes results/bench/
+    python -m benchmarks.strong_line --images=64                  # one evaluation, JSON on stdout
+    python -m benchmarks.strong_line --profile --images=32        # where an EOT-10 gradient's time goes
 
 The line is ``experiments.evaluate --attacks=a2,apgd-ce,apgd-dlr --eot_samples=10`` on the demo's
 En2ResNet8 (widths 8/16/32, noise 0.1, hash noise, MNIST 28x28x1): the specs A2, apgd-ce, apgd-dlr and
 their EOT-10 twins (:func:`enquant.run_results.eval_specs`), at eps 0.1, on the first ``--images`` images
 of the embedded MNIST test sample, with freshly initialised weights (the work of every attack step does not
-depend on the weights). ``--impl=baseline`` runs ``enquant/evaluate.py`` as it is at git revision
-``--baseline`` (loaded from ``git show``), ``--impl=current`` the working tree's; both use the working
-tree's attacks and model. Each evaluation runs in a fresh process, so each pays its own compiles; CPU
-seconds are the process's user + system time; compile seconds are JAX's trace, lowering and backend
-compile events. ``--specs=sweep`` runs a1,a2,a3 at three eps instead (specs that share programs).
+depend on the weights). ``--compare`` runs the whole package as it is at git revision ``--baseline``
+(``git archive`` into a temporary folder; that tree's own ``benchmarks.strong_line``) and the working
+tree's, interleaved, each evaluation in a fresh process, so each pays its own compiles; CPU seconds are
+the process's user + system time; compile seconds are JAX's trace, lowering and backend compile events
+(wall). With ``--cache`` two more evaluations of the working tree share a fresh persistent compilation
+cache (``--cache_dir``): the first fills it, the second reads it. ``--specs=sweep`` runs a1,a2,a3 at three
+eps instead (specs that share programs).
 """
 
-import importlib.util
 import json
 import os
 import platform
@@ -30,8 +31,9 @@ from absl import flags
 
 from enquant import runtime
 
-flags.DEFINE_enum("impl", "current", ["current", "baseline"], "Which evaluate.py runs (one process).")
-flags.DEFINE_string("baseline", "df13fe6", "Git revision of enquant/evaluate.py for --impl=baseline.")
+flags.DEFINE_string("baseline", "a7388f7", "Git revision of the baseline package for --compare.")
+flags.DEFINE_string("cache_dir", "", "JAX persistent compilation cache of this evaluation (empty: off).")
+flags.DEFINE_bool("cache", False, "--compare also runs the working tree twice on a fresh cache.")
 flags.DEFINE_integer("images", 32, "Test images (one batch).")
 flags.DEFINE_integer("eot_samples", 10, "EOT samples of the EOT twins.")
 flags.DEFINE_enum("specs", "strong", ["strong", "sweep"], "strong: README's strong line; sweep: "
@@ -74,21 +76,6 @@ def _specs(ev):
   return tuple(base + [dataclasses.replace(s, name=f"{s.name}-eot{k}", eot_samples=k) for s in base])
 
 
-def _load_evaluate(impl):
-  if impl == "current":
-    from enquant import evaluate  # pylint: disable=g-import-not-at-top
-    return evaluate
-  source = subprocess.run(["git", "show", f"{FLAGS.baseline}:enquant/evaluate.py"], check=True,
-                          capture_output=True, text=True).stdout
-  path = os.path.join(tempfile.mkdtemp(), "evaluate_baseline.py")
-  with open(path, "w") as f:
-    f.write(source)
-  spec = importlib.util.spec_from_file_location("evaluate_baseline", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _one_evaluation() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   compile_s = [0.0]
@@ -97,7 +84,7 @@ def _one_evaluation() -> dict:
     if event in _COMPILE_EVENTS:
       compile_s[0] += duration
   jax.monitoring.register_event_duration_secs_listener(listener)
-  ev = _load_evaluate(FLAGS.impl)
+  from enquant import evaluate as ev  # pylint: disable=g-import-not-at-top
   model = _model()
   images, labels = _data(FLAGS.images)
   variables = model.init(jax.random.PRNGKey(0), images[:1].astype("float32") / 255.0)
@@ -108,7 +95,7 @@ def _one_evaluation() -> dict:
   t0, c0 = time.perf_counter(), time.process_time()
   acc = ev.evaluate(fn, images, labels, specs, batch_size=200, key=jax.random.PRNGKey(0), progress=True)
   wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-  return {"impl": FLAGS.impl, "images": FLAGS.images, "specs": [s.name for s in specs],
+  return {"impl": "current", "images": FLAGS.images, "specs": [s.name for s in specs],
           "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
           "compile_s": round(compile_s[0] - compile_before, 2), "accuracy": acc,
           "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
@@ -122,18 +109,40 @@ def _lscpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _baseline_tree() -> str:
+  """The package at ``--baseline``, extracted from git into a temporary folder."""
+  root = tempfile.mkdtemp(prefix="enquant_baseline_")
+  archive = subprocess.run(["git", "archive", FLAGS.baseline], check=True, capture_output=True).stdout
+  subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
+  return root
+
+
+def _evaluation(impl: str, tree: str, cache_dir: str = "") -> dict:
+  cmd = [sys.executable, "-m", "benchmarks.strong_line", f"--images={FLAGS.images}",
+         f"--eot_samples={FLAGS.eot_samples}", f"--specs={FLAGS.specs}"]
+  if cache_dir:
+    cmd.append(f"--cache_dir={cache_dir}")
+  env = dict(os.environ, PYTHONPATH=tree, ENQUANT_JAX_CACHE="")
+  load = os.getloadavg()[0]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=tree, env=env).stdout
+  row = json.loads(out.strip().splitlines()[-1])
+  row.update(impl=impl, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2),
+             compile_share_of_wall=round(row["compile_s"] / row["wall_s"], 3))
+  print(json.dumps(row), flush=True)
+  return row
+
+
 def _compare() -> None:
+  trees = {"baseline": _baseline_tree(), "current": os.getcwd()}
   rows = []
   for r in range(FLAGS.rounds):
     for impl in ("baseline", "current"):
-      load = os.getloadavg()[0]
-      cmd = [sys.executable, "-m", "benchmarks.strong_line", f"--impl={impl}", f"--images={FLAGS.images}",
-             f"--eot_samples={FLAGS.eot_samples}", f"--baseline={FLAGS.baseline}", f"--specs={FLAGS.specs}"]
-      out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-      row = json.loads(out.strip().splitlines()[-1])
-      row.update(round=r, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2))
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+      rows.append(dict(_evaluation(impl, trees[impl]), round=r))
+  cached = []
+  if FLAGS.cache:
+    cache_dir = tempfile.mkdtemp(prefix="enquant_cache_")
+    cached = [dict(_evaluation("current", trees["current"], cache_dir), use=use)
+              for use in ("first (fills the cache)", "second (reads the cache)")]
   name = "strong_line" if FLAGS.specs == "strong" else "spec_sweep"
   mean = lambda impl, k: sum(r[k] for r in rows if r["impl"] == impl) / FLAGS.rounds
   summary = {k: {impl: round(mean(impl, k), 2) for impl in ("baseline", "current")}
@@ -142,7 +151,7 @@ def _compare() -> None:
     v["current/baseline"] = round(v["current"] / v["baseline"], 3)
   record = {"command": "python -m benchmarks.strong_line --compare " + " ".join(sys.argv[1:]),
             "cpu": _lscpu_model(), "cores": os.cpu_count(), "baseline_revision": FLAGS.baseline,
-            "rows": rows, "summary": summary}
+            "rows": rows, "cached": cached, "summary": summary}
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   with open(os.path.join(FLAGS.out_dir, f"{name}.json"), "w") as f:
     json.dump(record, f, indent=1)
@@ -151,7 +160,7 @@ def _compare() -> None:
 
 def main(argv):
   del argv
-  runtime.configure()
+  runtime.configure(cache_dir=FLAGS.cache_dir or None)
   if FLAGS.compare:
     return _compare()
   if FLAGS.profile:

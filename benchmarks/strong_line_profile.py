@@ -1,9 +1,11 @@
 """Where an EOT input gradient of the strong line's model spends its time (``strong_line --profile``).
 
 Times, in CPU seconds (median of rounds; the machine may be shared), the jitted EOT-K input gradient of
-the cross-entropy as the attacks take it (``vmap`` of ``grad`` over K noise keys) and its parts, each
-alone at the same shapes (K x batch images per member, every member): every convolution (forward +
-input gradient, :func:`enquant.models.conv.conv2d`), every BatchNorm (inference, forward + gradient),
+the cross-entropy as the attacks take it (:func:`enquant.attacks.core.eot_loss_grad`: the gradient of the
+EOT mean, so the layers before the first noise, the stem and the first block, run once per batch) and
+its parts, each alone at the shapes it has there (batch images per member before the first noise, K x
+batch after it, every member): every convolution (forward + input gradient,
+:func:`enquant.models.conv.conv2d`), every BatchNorm (inference, forward + gradient),
 the noise (std and add, forward + gradient; the normals), and the whole model without noise (one
 gradient over the K copies of the batch: the same arithmetic less the noise). Parts timed
 alone do not add up exactly to the whole (fusion, scheduling); the rest is reported as
@@ -18,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from enquant import prune
+from enquant.attacks import core
+from enquant.attacks import objectives
 from enquant.models import conv as conv_lib
 from enquant.models import noise as noise_lib
 
@@ -94,29 +98,26 @@ def profile(model, images, eot_samples: int) -> dict:
   x = jnp.asarray(images, jnp.float32) / 255.0
   y = jnp.zeros(x.shape[0], jnp.int32)
   variables = model.init(jax.random.PRNGKey(0), x[:1])
-  keys = jax.random.split(jax.random.PRNGKey(1), eot_samples)
-
-  def eot_grad(m):
-    def loss(xx, key):
-      logits = m.apply(variables, xx, key)
-      return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-    return jax.jit(lambda xx: jnp.mean(jax.vmap(jax.grad(loss), in_axes=(None, 0))(xx, keys), 0))
-
-  whole = _cpu(eot_grad(model), x)
+  grad_fn = core.eot_loss_grad(jax.tree_util.Partial(model.apply_eval, variables),
+                                objectives.cross_entropy, eot_samples)
+  whole = _cpu(jax.jit(lambda xx: grad_fn(xx, y, jax.random.PRNGKey(1))[0]), x)
   # Without noise the keys no longer matter (vmap would compute one sample): the same work is one
   # gradient over the K copies of the batch.
   quiet_model = EnResNet(dataclasses.replace(cfg, noise_coef=0.0))
   tiled, y_tiled = jnp.tile(x, (eot_samples, 1, 1, 1)), jnp.tile(y, eot_samples)
   quiet = _cpu(jax.jit(jax.grad(lambda xx: -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(
       quiet_model.apply(variables, xx, None)), y_tiled[:, None], axis=1)))), tiled)
-  n = eot_samples * x.shape[0] * cfg.ensembles  # images through each layer, all members
+  n = eot_samples * x.shape[0] * cfg.ensembles  # images through each layer after the first noise
+  once = x.shape[0] * cfg.ensembles  # before it (stem, first block): once per batch
   convs, norms, noises = _layers(cfg, tuple(x.shape[1:]))
-  conv_rows = {name: _conv_cost(n, hwc, cout, k, s) for name, hwc, cout, k, s in convs}
-  norm_total = sum(_norm_cost(n, hwc) for hwc in norms)
+  before_noise = lambda name: name == "stem" or name.startswith("stage1_block1/")
+  conv_rows = {name: _conv_cost(once if before_noise(name) else n, hwc, cout, k, s)
+               for name, hwc, cout, k, s in convs}
+  norm_total = sum(_norm_cost(once if i < 2 else n, hwc) for i, hwc in enumerate(norms))
   noise_parts = [_noise_cost(n, hwc, eot_samples, cfg.ensembles, cfg.noise_rng) for hwc in noises]
   std_total, normals_total = sum(p[0] for p in noise_parts), sum(p[1] for p in noise_parts)
   conv_total = sum(conv_rows.values())
-  flops = 2 * prune.flops(cfg, tuple(x.shape[1:])) * eot_samples * x.shape[0]
+  flops = 2 * prune.flops(cfg, tuple(x.shape[1:])) * eot_samples * x.shape[0]  # K full gradients
   parts = {"convolutions": conv_total, "batchnorm": norm_total, "noise std and add": std_total,
            "noise normals": normals_total}
   parts["elementwise and other"] = max(0.0, whole - sum(parts.values()))

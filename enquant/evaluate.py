@@ -11,21 +11,23 @@ hash of its name (so adding or reordering specs changes no other number); restar
 ``key`` gives the same numbers for randomized models (EnResNet's noise); record it next to the results.
 
 Compilation: one compiled program per attack structure (:mod:`enquant.evalprograms`: kind, steps, random
-start, EOT count, unrolling), shared by every spec of that structure: eps, step size and kappa are
-float32 data, so ``pgd20`` and ``A2``, or one attack at several eps, compile once; kind ``"none"`` runs
-the natural pass's program. Each is compiled once per shape: the last partial batch is padded (by
-repeating its own examples, so batch-wide statistics such as the noise's std stay close to those of real
-data) and the padding is masked out. With ``progress`` a plain line announces each program's first
-compile. Attack loops of at most ``max_unroll`` steps are unrolled (see :mod:`enquant.attacks` for the
-speed/compile-time trade-off). ``logits_fn`` is hashed by identity; pass
-``jax.tree_util.Partial(apply_fn, variables)`` to let the variables be traced arguments, so evaluating
-new weights of the same model reuses the compiled functions.
+start, EOT count, unrolling), shared by every spec of that structure: eps, step size, kappa and APGD's
+loss are float32 data, so ``pgd20`` and ``A2``, one attack at several eps, or ``apgd-ce`` and
+``apgd-dlr`` compile once; kind ``"none"`` runs the natural pass's program. Each is compiled once per
+shape: the last partial batch is padded (by repeating its own examples, so batch-wide statistics such as
+the noise's std stay close to those of real data) and the padding is masked out. With ``progress`` a
+plain line announces each program's first compile. Attack loops of at most ``max_unroll`` steps are
+unrolled (see :mod:`enquant.attacks` for the speed/compile-time trade-off). ``logits_fn`` is hashed by
+identity; pass ``jax.tree_util.Partial(apply_fn, variables)`` to let the variables be traced arguments,
+so evaluating new weights of the same model reuses the compiled functions.
 
 Counting (:data:`COUNTING`): a spec's accuracy counts the images correct on its adversarial images, as
 the paper's tables do; the per-image :func:`worst_case` and :func:`robustbench_entry` count an image
 robust only if it is also correct on the clean image, as RobustBench and AutoAttack do.
 
-Progress: the bar counts attacked images and moves inside each compiled call with the attack's steps;
+Progress: the bar counts attacked images and moves inside each compiled call with the attack's steps
+(only while JAX's persistent compilation cache is off: :func:`enquant.evalprograms.in_call_ticks`;
+with it on, as the entry points set it, the bar moves after every call, so the programs are cached);
 ``progress_fn`` receives an :class:`EvalProgress` (images done, correct, robust so far) after every
 finished (batch, attack) unit.
 
@@ -71,6 +73,8 @@ def craft(spec: AttackSpec, logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key
   kappa enter as float32 data (:mod:`enquant.evalprograms`): one compiled program serves every spec of
   the same structure.
   """
+  if spec.kind == "apgd-dlr":
+    programs.check_classes(spec, jax.eval_shape(logits_fn, x, key).shape[-1])
   return programs.craft_program(programs.program_of(spec, max_unroll), programs.constants_of(spec),
                                 logits_fn, x, y, key)
 
@@ -149,17 +153,18 @@ class _Progress:
   """The tqdm bar (moving inside compiled calls with :class:`enquant.evalprograms.Ticker`), compile
   notices, and the ``progress_fn`` events with the per-image robust-so-far mask."""
 
-  def __init__(self, masks, n_batches, total, *, desc, progress, progress_fn):
+  def __init__(self, masks, n_batches, total, *, desc, progress, ticks, progress_fn):
     self.masks, self.n_batches, self.progress_fn = masks, n_batches, progress_fn
     self.robust = masks["natural"].copy()  # filled by the natural pass first, then narrowed
     self.bar = tqdm.auto.tqdm(total=total, desc=desc, unit="img", disable=not progress,
                               dynamic_ncols=True)
-    self.ticker = programs.Ticker(self._move) if progress else None
+    self.progress = progress
+    self.ticker = programs.Ticker(self._move) if ticks else None
     self.base = self.size = 0
 
   def notice(self, sig: tuple, program: programs.Program) -> None:
     """One plain line before the first compile of a program (with the bar on)."""
-    if programs.first_use(sig) and self.ticker is not None:
+    if programs.first_use(sig) and self.progress:
       self.bar.write(f"compiling the {program.label} program (first use; cached afterwards)",
                      file=sys.stderr)
 
@@ -208,6 +213,14 @@ def _unit(track, craft_fn, eval_fn, x, y, key, spec: AttackSpec, valid: int, max
   return ok[:valid]
 
 
+def _check_classes(specs, logits_fn, x, key) -> None:
+  """Refuses specs the model's class count cannot run (APGD-DLR needs 3), before any compile."""
+  if any(spec.kind == "apgd-dlr" for spec in specs):
+    num_classes = jax.eval_shape(logits_fn, x, key).shape[-1]
+    for spec in specs:
+      programs.check_classes(spec, num_classes)
+
+
 def _fingerprint(images, labels, specs, key, craft_fn, eval_fn, **settings) -> str:
   """The resume file's key: everything that sets a number, the weights held by the Partials included."""
   settings.update(specs=[s.to_dict() for s in specs],
@@ -235,10 +248,12 @@ def _run(craft_fn, eval_fn, images, labels, specs, *, batch_size, key, progress,
     if resume_path is not None:
       evalfiles.save_progress(resume_path, fingerprint, masks, done_units)
   # The bar counts attacked images (one unit per image, attack and restart) and moves inside every
-  # compiled call with the attack's steps (evalprograms.Ticker).
+  # compiled call with the attack's steps (evalprograms.Ticker) unless the persistent cache is on.
+  ticks = progress and programs.in_call_ticks()
   track = _Progress(masks, n_batches, n * (1 + sum(spec.restarts for spec in specs)), desc=desc,
-                    progress=progress, progress_fn=progress_fn)
-  crafting = programs.ticking(craft_fn) if progress else craft_fn
+                    progress=progress, ticks=ticks, progress_fn=progress_fn)
+  _check_classes(specs, craft_fn, jnp.asarray(core.to_float(images[:1])), key)
+  crafting = programs.ticking(craft_fn) if ticks else craft_fn
   natural = programs.Program("none")
   try:
     for b in range(n_batches):

@@ -367,10 +367,12 @@ def test_shared_programs_craft_the_same_adversarial_examples_as_a_program_per_sp
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7, err_msg=spec.name)
 
 
-def test_specs_differing_only_in_constants_share_one_compiled_program():
+@pytest.mark.parametrize("kinds", [("pgd", "pgd"), ("apgd-ce", "apgd-dlr")])
+def test_specs_differing_only_in_constants_share_one_compiled_program(kinds):
   images, labels = _noisy_data()
-  specs = (ev.AttackSpec("a", "pgd", eps=0.1, step_size=0.03, steps=3, eot_samples=2),
-           ev.AttackSpec("b", "pgd", eps=0.05, step_size=0.01, steps=3, eot_samples=2, restarts=2))
+  specs = (ev.AttackSpec("a", kinds[0], eps=0.1, step_size=0.03, steps=3, eot_samples=2),
+           ev.AttackSpec("b", kinds[1], eps=0.05, step_size=0.01, steps=3, eot_samples=2,
+                         restarts=2 if kinds[1] == "pgd" else 1))
   size = evalprograms.attack_correct._cache_size()  # pylint: disable=protected-access
   acc, masks = ev.evaluate(mlp_model, images, labels, specs, batch_size=8, key=jax.random.key(1),
                            progress=False, return_masks=True)
@@ -388,6 +390,39 @@ def test_specs_differing_only_in_constants_share_one_compiled_program():
       expected.append(ok)
     np.testing.assert_array_equal(masks[spec.name], np.concatenate(expected), err_msg=spec.name)
     assert acc[spec.name] == pytest.approx(np.concatenate(expected).mean())
+
+
+def test_with_the_persistent_cache_on_compiled_calls_hold_no_callback_and_the_bar_still_ends(capsys):
+  assert jax.config.jax_compilation_cache_dir  # the tests' conftest turns the cache on
+  assert not evalprograms.in_call_ticks()
+  events = []
+  spec = ev.parse_attacks("pgd5", eps=EPS, step_size=0.02)
+  got = ev.evaluate(pixel_model, _images_uint8(), LABELS, spec, batch_size=4, key=jax.random.key(0),
+                    progress=True, progress_fn=events.append)
+  assert got["pgd5"] == pytest.approx(ROBUST) and len(events) == 4  # natural, pgd5 per batch
+  assert "14/14" in capsys.readouterr().err  # 7 images, natural and pgd5: the bar reaches its end
+  x = jnp.zeros((4, 2, 2, 1))
+  program = evalprograms.program_of(spec[0], 0)
+  hlo = evalprograms.attack_correct.lower(jax.tree_util.Partial(pixel_model), jax.tree_util.Partial(
+      pixel_model), x, jnp.zeros(4, jnp.int32), jax.random.key(0), evalprograms.constants_of(spec[0]),
+      program=program).as_text()
+  assert "callback" not in hlo
+  ticking = evalprograms.ticking(jax.tree_util.Partial(pixel_model))
+  assert "callback" in evalprograms.attack_correct.lower(
+      ticking, jax.tree_util.Partial(pixel_model), x, jnp.zeros(4, jnp.int32), jax.random.key(0),
+      evalprograms.constants_of(spec[0]), program=program).as_text()
+
+
+def test_apgd_dlr_on_two_classes_is_refused_before_any_compile():
+  spec = ev.parse_attacks("apgd-dlr3", eps=EPS)
+  two_classes = lambda x, key: _pixel_logits(x[:, 0, 0, 0])[:, :2]
+  size = evalprograms.attack_correct._cache_size()  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="apgd-dlr needs at least 3 classes"):
+    ev.evaluate(two_classes, _images_uint8(), LABELS, spec, batch_size=4, key=jax.random.key(0),
+                progress=False)
+  assert evalprograms.attack_correct._cache_size() == size  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="apgd-dlr needs at least 3 classes"):
+    ev.craft(spec[0], two_classes, jnp.zeros((2, 2, 2, 1)), jnp.zeros(2, jnp.int32), jax.random.key(0))
 
 
 def test_progress_fn_is_called_per_attack_and_per_batch_with_images_done_and_robust_so_far():
@@ -416,6 +451,7 @@ def test_the_bar_moves_inside_a_compiled_call_and_first_compiles_are_announced(c
     move(self, fraction)
     positions.append((self.base, self.bar.n, fraction))
   monkeypatch.setattr(ev._Progress, "_move", recording_move)  # pylint: disable=protected-access
+  monkeypatch.setattr(evalprograms, "in_call_ticks", lambda: True)  # the persistent cache off
   spec = ev.parse_attacks("pgd6", eps=EPS, step_size=0.02)
   for _ in range(2):
     got = ev.evaluate(pixel_model, _images_uint8(), LABELS, spec, batch_size=4, key=jax.random.key(0),

@@ -1,7 +1,9 @@
 """Auto-PGD (Croce & Hein 2020), l_inf: APGD-CE, APGD-DLR, their restarts, and APGD-T.
 
 Keys follow :mod:`enquant.attacks.fgsm_pgd`'s schedule with ``steps + 1`` step keys (the last one for the
-gradient at the start point). Restart ``r`` of :func:`apgd_restarts` uses ``fold_in(key, r)``; target
+gradient at the start point). The loop runs ``steps + 1`` iterations, the first one evaluating the start
+point, so a compiled APGD holds one copy of the model's gradient (half the compile time of a start
+gradient outside the loop). Restart ``r`` of :func:`apgd_restarts` uses ``fold_in(key, r)``; target
 ``t`` of APGD-T uses ``split(fold_in(key, t))`` into the key of the clean pass that picks the target and
 the key of its APGD run.
 
@@ -79,7 +81,7 @@ class APGDState(NamedTuple):
 
 
 def apgd(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, steps: int = 100, key=None,
-         loss: str = "ce", eot_samples: int = 1, rho: float = 0.75, random_start: bool = True,
+         loss="ce", eot_samples: int = 1, rho: float = 0.75, random_start: bool = True,
          unroll: bool | int = False) -> jax.Array:
   """Auto-PGD (APGD-CE / APGD-DLR), the step-size-free core of AutoAttack, l_inf.
 
@@ -108,7 +110,9 @@ def apgd(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, steps: in
     eps: l_inf radius (may be traced).
     steps: number of iterations N (static Python int >= 1).
     key: PRNG key (module docstring).
-    loss: ``"ce"`` or ``"dlr"`` (needs >= 3 classes).
+    loss: ``"ce"`` or ``"dlr"`` (needs >= 3 classes), or the loss as data: an index into
+      :data:`APGD_LOSSES` (may be traced; :func:`apgd_loss`), so APGD-CE and APGD-DLR share one
+      compiled program.
     eot_samples: number of noise keys each loss is averaged over (EOT).
     rho: threshold of condition 1.
     random_start: start from a random point of the ball's surface (AutoAttack's default) or from ``x``.
@@ -122,13 +126,42 @@ def apgd(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, steps: in
   """
   core.check_inputs(x, y, eps, key, eot_samples, random_start, name="apgd")
   core.check_int(steps, "apgd: steps")
-  if loss not in APGD_LOSSES:
-    raise ValueError(f"apgd: loss must be one of {APGD_LOSSES}, got {loss!r}")
+  loss_fn = None
+  if isinstance(loss, str):
+    if loss not in APGD_LOSSES:
+      raise ValueError(f"apgd: loss must be one of {APGD_LOSSES}, got {loss!r}")
+  else:
+    loss_fn, loss = apgd_loss(loss), "ce"
   if not (core.is_number(rho) and 0.0 < rho <= 1.0):
     raise ValueError(f"apgd: rho must be in (0, 1], got {rho!r}")
   state = apgd_run(logits_fn, x, y, eps=eps, steps=steps, key=key, loss=loss,
-                   eot_samples=eot_samples, rho=rho, random_start=random_start, unroll=unroll)
+                   eot_samples=eot_samples, rho=rho, random_start=random_start, unroll=unroll,
+                   loss_fn=loss_fn)
   return jax.lax.stop_gradient(jnp.where(core.expand(state.found, x), state.x_adv, state.x_best))
+
+
+def apgd_loss(index) -> Callable:
+  """APGD's loss chosen by data: ``loss_fn(logits, y)`` is the ``index``-th of :data:`APGD_LOSSES`
+  (0: cross-entropy, 1: DLR; ``index`` may be traced).
+
+  Both losses are computed on the logits (a few operations per example) and one is selected, so its
+  value and gradient equal those of the named loss; models with fewer than 3 classes (no DLR) get the
+  cross-entropy whatever ``index`` is (callers refuse DLR for them: :func:`check_loss_classes`).
+  """
+
+  def loss_fn(logits, y):
+    ce = objectives.cross_entropy(logits, y)
+    if logits.shape[-1] < 3:
+      return ce
+    return jnp.where(jnp.asarray(index) == APGD_LOSSES.index("dlr"), objectives.dlr_loss(logits, y), ce)
+
+  return loss_fn
+
+
+def check_loss_classes(loss: str, num_classes: int) -> None:
+  """Raises ValueError when ``loss`` (``"ce"`` or ``"dlr"``) is undefined for ``num_classes``."""
+  if loss == "dlr" and num_classes < 3:
+    raise ValueError(f"apgd-dlr needs at least 3 classes (the DLR loss), got {num_classes}")
 
 
 def _start(x, eps, start_key, random_start):
@@ -141,27 +174,32 @@ def _start(x, eps, start_key, random_start):
   return core.project_ball(x0, x, eps)
 
 
-def _step(s: APGDState, i, *, x, y, eps, grad_fn, step_keys, is_check, threshold) -> APGDState:
-  """One APGD iteration (Algorithm 1, with the checkpoint rules of :func:`apgd`)."""
+def _step(s: APGDState, j, *, x, y, eps, grad_fn, step_keys, is_check, threshold) -> APGDState:
+  """Iteration ``j`` of the loop of :func:`apgd_run`: ``j = 0`` evaluates the start point ``s.x`` (its
+  gradient, loss and misclassification fill the state), ``j >= 1`` is APGD's step ``i = j - 1``
+  (Algorithm 1, with the checkpoint rules of :func:`apgd`)."""
 
   def where(mask, a, b):
     return jnp.where(core.expand(mask, x), a, b)
 
-  momentum = jnp.where(i > 0, 0.75, 1.0).astype(x.dtype)
+  first = j == 0
+  n_keys = threshold.shape[0]  # steps + 1: the start point's key is the last
+  momentum = jnp.where(j > 1, 0.75, 1.0).astype(x.dtype)
   eta = core.expand(s.eta, x)
   z = core.project_ball(s.x + eta * jnp.sign(s.grad), x, eps)
   x_new = core.project_ball(s.x + momentum * (z - s.x) + (1.0 - momentum) * (s.x - s.x_prev), x, eps)
-  grad, loss_val, logits = grad_fn(x_new, y, core.step_key(step_keys, i))
+  x_new = jnp.where(first, s.x, x_new)
+  grad, loss_val, logits = grad_fn(x_new, y, core.step_key(step_keys, (j - 1) % n_keys))
 
   wrong = jnp.argmax(logits, axis=-1) != y
-  improved = loss_val > s.loss_best
+  improved = (loss_val > s.loss_best) | first
   x_best = where(improved, x_new, s.x_best)
   grad_best = where(improved, grad, s.grad_best)
   loss_best = jnp.where(improved, loss_val, s.loss_best)
-  n_increase = s.n_increase + (loss_val > s.loss).astype(jnp.int32)
+  n_increase = jnp.where(first, 0, s.n_increase + (loss_val > s.loss).astype(jnp.int32))
 
-  check = is_check[i]
-  cond1 = n_increase < threshold[i]
+  check = is_check[j]
+  cond1 = n_increase < threshold[j]
   cond2 = (~s.reduced_at_check) & (loss_best <= s.loss_best_at_check)
   reduce = check & (cond1 | cond2)
   return APGDState(
@@ -173,7 +211,7 @@ def _step(s: APGDState, i, *, x, y, eps, grad_fn, step_keys, is_check, threshold
       x_best=x_best, loss_best=loss_best, grad_best=grad_best,
       x_adv=where(wrong, x_new, s.x_adv), found=s.found | wrong,
       n_increase=jnp.where(check, 0, n_increase),
-      loss_best_at_check=jnp.where(check, loss_best, s.loss_best_at_check),
+      loss_best_at_check=jnp.where(check | first, loss_best, s.loss_best_at_check),
       reduced_at_check=jnp.where(check, reduce, s.reduced_at_check))
 
 
@@ -186,28 +224,28 @@ def apgd_run(logits_fn: core.LogitsFn, x, y, *, eps, steps: int, key, loss: str 
   of APGD-T); misclassification is still tracked against ``y``.
   """
   checkpoints = apgd_checkpoints(steps)
-  is_check = np.zeros(steps, bool)
-  window = np.ones(steps, np.float32)
+  # Indexed by loop iteration j (j = 0: the start point; j = i + 1: step i).
+  is_check = np.zeros(steps + 1, bool)
+  window = np.ones(steps + 1, np.float32)
   for w_prev, w in zip(checkpoints[:-1], checkpoints[1:]):
-    is_check[w - 1] = True  # after step index w-1 the iterate is x^(w)
-    window[w - 1] = w - w_prev
+    is_check[w] = True  # after step index w-1 (iteration w) the iterate is x^(w)
+    window[w] = w - w_prev
 
   grad_fn = core.eot_loss_grad(logits_fn, objectives.LOSSES[loss] if loss_fn is None else loss_fn,
                                eot_samples)
   start_key, step_keys = core.key_schedule(key, steps + 1)
   batch = x.shape[0]
   x0 = _start(x, eps, start_key, random_start)
-  grad0, loss0, logits0 = grad_fn(x0, y, core.step_key(step_keys, steps))
-  eta0 = jnp.broadcast_to(2.0 * jnp.asarray(eps, x.dtype), (batch,))
-  state = APGDState(
-      x=x0, x_prev=x0, grad=grad0, loss=loss0, eta=eta0,
-      x_best=x0, loss_best=loss0, grad_best=grad0,
-      x_adv=x0, found=jnp.argmax(logits0, axis=-1) != y,
-      n_increase=jnp.zeros((batch,), jnp.int32),
-      loss_best_at_check=loss0, reduced_at_check=jnp.zeros((batch,), bool))
+  zeros = jnp.zeros((batch,), x.dtype)
+  state = APGDState(  # gradient, losses and found are set by the loop's first iteration
+      x=x0, x_prev=x0, grad=jnp.zeros_like(x0), loss=zeros,
+      eta=jnp.broadcast_to(2.0 * jnp.asarray(eps, x.dtype), (batch,)),
+      x_best=x0, loss_best=zeros, grad_best=jnp.zeros_like(x0), x_adv=x0,
+      found=jnp.zeros((batch,), bool), n_increase=jnp.zeros((batch,), jnp.int32),
+      loss_best_at_check=zeros, reduced_at_check=jnp.zeros((batch,), bool))
   step = functools.partial(_step, x=x, y=y, eps=eps, grad_fn=grad_fn, step_keys=step_keys,
                            is_check=jnp.asarray(is_check), threshold=jnp.asarray(rho * window))
-  return jax.lax.fori_loop(0, steps, lambda i, s: step(s, i), state, unroll=unroll)
+  return jax.lax.fori_loop(0, steps + 1, lambda j, s: step(s, j), state, unroll=unroll)
 
 
 def apgd_restarts(logits_fn: core.LogitsFn, x, y, active, *, eps, key, loss: str, steps: int,
@@ -276,5 +314,5 @@ def apgd_t(logits_fn: core.LogitsFn, x: jax.Array, y: jax.Array, *, eps, key, st
   return jax.lax.stop_gradient(x_adv)
 
 
-__all__ = ["APGDState", "APGD_LOSSES", "apgd", "apgd_checkpoints", "apgd_restarts", "apgd_run",
-           "apgd_t", "apgd_t_run"]
+__all__ = ["APGDState", "APGD_LOSSES", "apgd", "apgd_checkpoints", "apgd_loss", "apgd_restarts",
+           "apgd_run", "apgd_t", "apgd_t_run", "check_loss_classes"]
