@@ -376,6 +376,28 @@ def test_claim_checks_compare_two_runs_on_the_same_images():
   assert got["columns"]["A1"]["verdict"] == "inconclusive" and got["verdict"].startswith("2 holds, 1 inconclusive")
 
 
+def test_a_check_without_committed_masks_is_decided_on_the_retrained_runs():
+  rng = np.random.default_rng(1)
+  base = {k: rng.random(400) < 0.7 for k in ("natural", "A1", "A2", "A3")}
+  better = {k: v | (rng.random(400) < 0.2) for k, v in base.items()}
+  name = lambda row: paper.run_name(paper.build_config(row, "cpu"))
+  check = paper.table("I").checks[0]
+  tbl = dataclasses.replace(paper.table("I"), checks=(check,))
+  cfgs = [paper.build_config(r, "cpu") for r in (check.better, check.worse)]
+  committed = _typed({name(check.better): _fake_results(cfgs[0], 0.8, 0.7),  # masks not kept
+                      name(check.worse): _fake_results(cfgs[1], 0.8, 0.7)})
+  reruns = _typed({name(check.better): _masked_results(cfgs[0], better)})
+  got = checks.check_rows(tbl, "cpu", committed, {}, reruns)[0]
+  assert got["state"] == "no per-image masks" and "verdict" not in got  # one side still has none
+  reruns.update(_typed({name(check.worse): _masked_results(cfgs[1], base)}))
+  got = checks.check_rows(tbl, "cpu", committed, {}, reruns)[0]
+  assert got["verdict"] == "holds (on the retrained runs)"
+  assert got["retrained"] == [name(check.better), name(check.worse)]
+  a2 = got["columns"]["A2"]
+  assert (a2["b"], a2["c"]) == (int(np.sum(better["A2"] & ~base["A2"])), 0)
+  assert checks.check_rows(tbl, "cpu", committed, {})[0]["state"] == "no per-image masks"
+
+
 def test_trends_compare_one_number_of_two_runs_beside_the_papers_difference():
   name = lambda row: paper.run_name(paper.build_config(row, "cpu"))
   t7 = paper.table("VII")
@@ -757,8 +779,13 @@ def test_autoattack_claim_checks_pair_the_kept_masks(tmp_path):
     evaluation = {"examples": mask.size, "masks": {"autoattack-rand": evalfiles.pack_mask(mask)},
                   "run": str(tmp_path / "runs" / name)}
     (tmp_path / "runs" / name / "evaluation-aa9.json").write_text(json.dumps(evaluation))
+  os.makedirs(tmp_path / "out" / "reruns")
+  (tmp_path / "out" / "reruns" / (better + ".json")).write_text("{}")  # `better` attacked as retrained
   autoattack_checks.main([f"--runs_root={tmp_path / 'runs'}", f"--results={tmp_path / 'out'}", "--tags=aa9"])
   rows = json.loads((tmp_path / "out" / "autoattack_checks.json").read_text())
+  assert rows[0]["retrained"] == [True, False]
+  assert f"{better} (autoattack-rand, retrained) | {other} (autoattack-rand) |" in (
+      tmp_path / "out" / "autoattack_checks.md").read_text()
   assert len(rows) == 1 and (rows[0]["b"], rows[0]["c"]) == (12, 0)  # 3 of every 8 images only `better` keeps
   assert rows[0]["p"] == pytest.approx(2 * 0.5 ** 12) and rows[0]["verdict"] == "holds"
   kept = json.loads((tmp_path / "out" / "autoattack" / (better + ".json")).read_text())  # beside the results

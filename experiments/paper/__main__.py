@@ -134,7 +134,8 @@ def rebuild_tables(log=print, transfers: bool = True) -> None:
         results[scales.run_name(cfg)] = found
     found_transfers = store.transfers(tbl, log=log) if transfers else {}
     rows = reports.table_rows(tbl, FLAGS.scale, results, found_transfers)
-    table_checks = checks.check_rows(tbl, FLAGS.scale, results, found_transfers)
+    reruns = {name: r for name in results if (r := store.rerun(name)) is not None}
+    table_checks = checks.check_rows(tbl, FLAGS.scale, results, found_transfers, reruns)
     trends = checks.trend_rows(tbl, FLAGS.scale, rows)
     files.write_text_atomic(os.path.join(store.out_dir, f"table_{tbl.name}.md"),
                             reports.table_markdown(tbl, FLAGS.scale, rows, table_checks, trends))

@@ -82,31 +82,39 @@ def _overall(verdicts: list[str]) -> str:
   return ", ".join(f"{verdicts.count(v)} {v}" for v in ("holds", "inconclusive", "reversed") if v in verdicts)
 
 
-def _sides(check, scale, results, transfers):
-  """``(state, [masks of better, masks of worse])`` of a check."""
-  sides, state = [], "done"
+def _sides(check, scale, results, transfers, reruns):
+  """``(state, [masks of better, masks of worse], retrained)`` of a check. A committed run without
+  per-image masks (its model was not kept) lends the masks of its retrained run where there is one
+  (``retrained``: those runs' names)."""
+  sides, state, retrained = [], "done", []
   for row in (check.better, check.worse):
     name = scales.run_name(scales.build_config(row, scale))
     transfer = None
     if row.oracle is not None:
       transfer = transfers.get((name, scales.run_name(scales.build_config(row.oracle, scale))))
     res = results.get(name)
+    masks = None if res is None else _masks(res, transfer)
+    if masks is None and res is not None and row.oracle is None and name in reruns:
+      masks = _masks(reruns[name], None)
+      retrained += [name] if masks is not None else []
     if res is None or (row.oracle is not None and transfer is None):
       state = "pending"
-    elif state == "done" and _masks(res, transfer) is None:
+    elif state == "done" and masks is None:
       state = "no per-image masks"
-    sides.append(None if state != "done" else _masks(res, transfer))
-  return state, sides
+    sides.append(None if state != "done" else masks)
+  return state, sides, retrained
 
 
 def check_rows(tbl, scale: str, results: dict[str, results_lib.RunResults],
-               transfers: dict[tuple, results_lib.Evaluation]) -> list[dict[str, Any]]:
+               transfers: dict[tuple, results_lib.Evaluation],
+               reruns: dict[str, results_lib.RunResults] | None = None) -> list[dict[str, Any]]:
   """Every :class:`~experiments.paper.tables.Check` of ``tbl``: per column the paired comparison of
   :func:`paired_difference` (or why it is missing: a pending run, or no per-image masks), and a verdict
-  over its columns."""
+  over its columns. ``reruns``: retrained runs by name, whose masks stand in for a committed run kept
+  without them (the entry's ``retrained`` names them, its verdict says so)."""
   out = []
   for check in tbl.checks:
-    state, sides = _sides(check, scale, results, transfers)
+    state, sides, retrained = _sides(check, scale, results, transfers, reruns or {})
     entry: dict[str, Any] = {"check": check.label, "state": state, "columns": {}}
     carried = _carried_check(check, scale, transfers) if state not in ("done", "pending") else None
     if carried is not None:  # kept as discordant counts in a transfer evaluation without masks
@@ -118,6 +126,9 @@ def check_rows(tbl, scale: str, results: dict[str, results_lib.RunResults],
         key = "natural" if column == "N" else column
         entry["columns"][column] = paired_difference(sides[0][key], sides[1][key])
       entry["verdict"] = _overall([v["verdict"] for v in entry["columns"].values()])
+      if retrained:
+        entry.update(retrained=retrained, verdict=entry["verdict"] + " (on the retrained run"
+                     + ("s" if len(retrained) > 1 else "") + ")")
     out.append(entry)
   return out
 

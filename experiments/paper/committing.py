@@ -163,6 +163,11 @@ class Store:
     run_results.save_float_model(dest, cfg, variables, data_lib.DATASETS[cfg.dataset].image_shape)
     return dest
 
+  def rerun(self, name: str) -> results_lib.RunResults | None:
+    """The committed rerun of ``name`` (``reruns/<run>.json``: trained again, other accuracies), or None."""
+    path = os.path.join(self.out_dir, "reruns", name + ".json")
+    return results_lib.RunResults.from_json(path) if os.path.exists(path) else None
+
   def history(self, name: str, res: results_lib.RunResults | None) -> list[dict[str, Any]]:
     """The per-epoch metrics of a run: its run directory's (unless a rerun), else its results'."""
     rows = [] if name in self.first_runs else files.read_jsonl(
