@@ -17,6 +17,7 @@ from enquant import run_results
 from enquant import sparsity
 from enquant import train as train_lib
 from experiments.paper import checks
+from experiments.paper import committing
 from experiments.paper import epochs
 from experiments.paper import reports
 from experiments.paper import scales as paper
@@ -141,8 +142,9 @@ def test_list_and_table_rebuild_from_finished_runs(tmp_path):
   assert listing.returncode == 0, listing.stderr[-2000:]
   assert listing.stdout.count(" done  ") == 2 and f"epoch 1  {resumable.name}" in listing.stdout
   # cpu-scale stand-ins name the net they train and the paper's net they stand for
-  assert "(En2ResNet14 float (6) a=1 b=8, 6 epochs on fmnist, for the paper's En2ResNet56)" in listing.stdout
-  assert "2 epochs on mnist)" in listing.stdout  # the direct rows train the paper's own net
+  assert ("(En2ResNet14 float (6) a=1 b=8, 6 epochs on fmnist, for the paper's En2ResNet56; no model)"
+          in listing.stdout)
+  assert "2 epochs on mnist; no model)" in listing.stdout  # the direct rows train the paper's own net
   # Both runs were committed before: the BR row without A2-eot5 (the run directory extends it: same
   # numbers), the float row with another N (the run directory is a rerun that differs).
   names = [paper.run_name(paper.build_config(row, "cpu")) for row in done]
@@ -208,6 +210,17 @@ def test_committed_results_count_as_finished_without_their_run_directories(tmp_p
   lines = [line for line in listing.stdout.splitlines() if line.startswith("  ")]
   assert len(lines) == len(names)
   assert all(line.split()[0] == ("done" if line.split()[1] == names[0] else "committed") for line in lines)
+  # --keep_models trains again the committed runs that keep no model, cheapest first.
+  store = committing.Store(str(runs / "cpu"), str(out / "cpu"), "cpu")
+  walls = {n: 600.0 + 10 * ((7 * i) % len(names)) for i, n in enumerate(names)}
+  for n in names[1:]:
+    path = out / "cpu" / "runs" / (n + ".json")
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), wall_seconds=walls[n])))
+  (out / "cpu" / "runs" / (names[1] + ".npz")).write_bytes(b"kept")
+  (out / "cpu" / "reruns").mkdir()
+  (out / "cpu" / "reruns" / (names[2] + ".npz")).write_bytes(b"kept")
+  assert [store.model_state(n) for n in names[:3]] == ["no model", "model", "rerun's model"]
+  assert store.without_model(names) == sorted(names[3:], key=lambda n: (walls[n], n))  # names[0] is done
   # Not --tables_only: nothing may be trained again (training any row would take hours and need data).
   full = subprocess.run(common, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert full.returncode == 0, full.stderr[-2000:]

@@ -7,6 +7,7 @@
     python -m experiments.paper --table=VIII --scale=gpu5       # the paper's protocol cut to 5 epochs
     python -m experiments.paper --table=all --tables_only       # rebuild tables/figures from finished runs
     python -m experiments.paper --table=V --workers=2           # two runs at once, one per core
+    python -m experiments.paper --table=all --keep_models       # also retrain committed runs without a model
 
 Runs live in ``--runs_root/<scale>/<run name>`` (one directory per distinct configuration, shared by every
 table that needs it; re-running resumes unfinished runs from their checkpoints and skips finished ones).
@@ -46,6 +47,9 @@ flags.DEFINE_integer("workers", 1, "Train this many missing runs at once, each p
 flags.DEFINE_string("run", None, "Train only this run (a name --list prints), then exit without rebuilding "
                     "the tables (what each --workers process does). A run known here only by its committed "
                     "results is trained again, and its accuracies are compared with the committed ones.")
+flags.DEFINE_bool("keep_models", False, "Also train again every committed run that keeps no model (neither "
+                  "its own nor a rerun's), cheapest first by its committed wall time, so that every row can "
+                  "be attacked again; a retrained run is compared with its committed results.")
 FLAGS = flags.FLAGS
 
 
@@ -70,14 +74,15 @@ def list_runs() -> None:
       name = scales.run_name(cfg)
       stand_in = "" if cfg.model.name == row.net else f", for the paper's {row.net}"
       print(f"  {store.state(name):>9}  {name}  ({cfg.model.name} {row.quant_label} {row.loss_label}, "
-            f"{cfg.train.epochs} epochs on {cfg.dataset}{stand_in})")
+            f"{cfg.train.epochs} epochs on {cfg.dataset}{stand_in}; {store.model_state(name)})")
 
 
 def _missing() -> list[tuple[str, str]]:
   """``(table name, run name)`` of every unfinished run of the selected tables, each run once, in order
-  (``--run``: that run alone), at most ``--max_runs``."""
+  (``--run``: that run alone), then with ``--keep_models`` the committed runs without a model, at most
+  ``--max_runs``."""
   from experiments.paper import scales  # pylint: disable=g-import-not-at-top
-  store, todo, seen = _store(), [], set()
+  store, todo, seen, retrain = _store(), [], set(), []
   for tbl in _tables():
     for _, cfg in scales.runs_of(tbl, FLAGS.scale):
       name = scales.run_name(cfg)
@@ -87,9 +92,13 @@ def _missing() -> list[tuple[str, str]]:
       state = store.state(name)
       if not committing.finished(state) or (state == "committed" and FLAGS.run is not None):
         todo.append((tbl.name, name))
+      elif FLAGS.keep_models:
+        retrain.append((tbl.name, name))
   if FLAGS.run is not None and not seen:
     raise ValueError(f"--run={FLAGS.run} is no run of table(s) {FLAGS.table} at --scale={FLAGS.scale} "
                      "(--list prints their names)")
+  table_of = dict((name, t) for t, name in retrain)
+  todo += [(table_of[name], name) for name in store.without_model([name for _, name in retrain])]
   return todo[:FLAGS.max_runs] if FLAGS.max_runs else todo
 
 
@@ -117,7 +126,8 @@ def train_missing(log=print) -> bool:
   command = " ".join(["python -m experiments.paper"] + sys.argv[1:])
   for tbl_name, name in todo:
     store.train(name, configs[name], progress=FLAGS.progress, command=command, log=log,
-                announce=f"== Table {tbl_name}: {store.workdir(name)}", retrain=FLAGS.run is not None)
+                announce=f"== Table {tbl_name}: {store.workdir(name)}",
+                retrain=FLAGS.run is not None or FLAGS.keep_models)
   return True
 
 

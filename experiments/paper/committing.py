@@ -163,6 +163,20 @@ class Store:
     run_results.save_float_model(dest, cfg, variables, data_lib.DATASETS[cfg.dataset].image_shape)
     return dest
 
+  def model_state(self, name: str) -> str:
+    """``model`` (kept beside the committed results), ``rerun's model`` (only a retrained run's, in
+    ``reruns/``) or ``no model``."""
+    if os.path.exists(self.model(name)):
+      return "model"
+    return "rerun's model" if os.path.exists(os.path.join(self.out_dir, "reruns", name + ".npz")) else "no model"
+
+  def without_model(self, names: list[str]) -> list[str]:
+    """The runs of ``names`` known only by committed results that keep no model (neither their own nor a
+    rerun's): what ``--keep_models`` trains again, cheapest first (committed wall seconds)."""
+    todo = [n for n in names if self.state(n) == "committed" and self.model_state(n) == "no model"]
+    wall = lambda n: float(files.read_json(self.committed(n)).get("wall_seconds") or 0.0)
+    return sorted(todo, key=lambda n: (wall(n), n))
+
   def rerun(self, name: str) -> results_lib.RunResults | None:
     """The committed rerun of ``name`` (``reruns/<run>.json``: trained again, other accuracies), or None."""
     path = os.path.join(self.out_dir, "reruns", name + ".json")
