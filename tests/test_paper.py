@@ -804,3 +804,45 @@ def test_autoattack_claim_checks_pair_the_kept_masks(tmp_path):
   kept = json.loads((tmp_path / "out" / "autoattack" / (better + ".json")).read_text())  # beside the results
   assert not os.path.isabs(kept["run"])  # no path of this machine
   assert "not evaluated yet" in (tmp_path / "out" / "autoattack_checks.md").read_text()  # the other pair
+
+
+def test_retrained_checks_report_reproduction_and_decide_the_pair(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  import retrained_checks  # pylint: disable=g-import-not-at-top,import-error
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  _, _, better, other = retrained_checks.PAIRS[0]
+  rng = np.random.default_rng(3)
+  base = {k: rng.random(200) < 0.6 for k in ("natural", "A1", "A2", "A3")}
+  masks = {other: base, better: {k: v | (rng.random(200) < 0.1) for k, v in base.items()}}
+  os.makedirs(tmp_path / "out" / "runs")
+  for name, m in masks.items():
+    os.makedirs(tmp_path / "runs" / name)
+    acc = {k: float(v.mean()) for k, v in m.items()}
+    evaluation = {"examples": 200, "accuracy": dict(acc, n=200), "run": str(tmp_path / "runs" / name),
+                  "masks": {k: evalfiles.pack_mask(v) for k, v in m.items()}}
+    (tmp_path / "runs" / name / "evaluation-a123.json").write_text(json.dumps(evaluation))
+    (tmp_path / "runs" / name / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5}\n'
+                                                            '{"epoch": 2, "test_acc": 0.625}\n')
+    if name == other:
+      acc["A2"] += 0.01  # the committed run had another A2: `other` does not reproduce
+    committed = {"natural_accuracy": 0.625, "robust": {"examples": 200, "accuracy": dict(acc, n=200)}}
+    (tmp_path / "out" / "runs" / (name + ".json")).write_text(json.dumps(committed))
+  retrained_checks.main([f"--runs_root={tmp_path / 'runs'}", f"--results={tmp_path / 'out'}"])
+  out = json.loads((tmp_path / "out" / "retrained_checks.json").read_text())
+  assert out["runs"][better]["reproduces"] and not out["runs"][other]["reproduces"]
+  assert out["runs"][better]["columns"]["N full"] == {"committed": 62.5, "retrained": 62.5}  # last epoch's
+  a2 = out["runs"][other]["columns"]["A2"]
+  assert a2["committed"] - a2["retrained"] == pytest.approx(1.0)
+  check = out["checks"][0]
+  for col, key in (("N", "natural"), ("A3", "A3")):
+    b = int(np.sum(masks[better][key] & ~base[key]))
+    assert (check["columns"][col]["b"], check["columns"][col]["c"]) == (b, 0)
+    assert check["columns"][col]["p"] == pytest.approx(stats.binomtest(0, b, 0.5).pvalue)
+  md = (tmp_path / "out" / "retrained_checks.md").read_text()
+  assert f"(committed {100 * (base['A2'].mean() + 0.01):.2f}) | " in md and "| no |" in md
+  assert not os.path.isabs(json.loads((tmp_path / "out" / "retrained" / (better + ".json")).read_text())["run"])
+  bad = json.loads((tmp_path / "out" / "runs" / (better + ".json")).read_text())
+  bad["robust"]["examples"] = 1000  # other images than the evaluation's
+  with pytest.raises(ValueError, match="not the same images"):
+    retrained_checks.reproduction(json.loads((tmp_path / "runs" / better / "evaluation-a123.json").read_text()),
+                                  bad)

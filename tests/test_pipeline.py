@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +101,21 @@ def test_run_directory_holds_results_tables_figures_and_a_packed_model(ternary_r
   restored = restored.get("params", restored)
   np.testing.assert_array_equal(np.asarray(restored["stem"]["kernel"]),
                                 np.asarray(variables["params"]["stem"]["kernel"]))
+
+
+def test_a_run_stopped_after_its_last_epoch_keeps_a_packed_model_from_its_checkpoint(ternary_run, tmp_path):
+  from experiments.paper import committing  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = ternary_run
+  store = committing.Store(str(tmp_path / "runs"), str(tmp_path / "results"), "cpu")
+  copy = store.workdir("stopped")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("model_packed.npz", "results.*", ".lock"))
+  path = store.keep_model("stopped", float_run=False)
+  assert path == store.model("stopped")
+  ours, theirs = (export.unpack(export.load(p)) for p in (path, os.path.join(workdir, "model_packed.npz")))
+  for (k, a), (k2, b) in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves_with_path(theirs)):
+    assert k == k2
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(k))
+  assert len(jax.tree_util.tree_leaves(ours)) == len(jax.tree_util.tree_leaves(theirs)) > 10
 
 
 def test_evaluation_of_a_randomized_model_is_reproducible_with_the_same_key(ternary_run):

@@ -74,7 +74,8 @@ def _masks(res: results_lib.RunResults | None,
   return source.unpacked_masks()
 
 
-def _overall(verdicts: list[str]) -> str:
+def overall(verdicts: list[str]) -> str:
+  """One verdict over columns: "holds" or "reversed" when every column says so, else the counts."""
   if all(v == "holds" for v in verdicts):
     return "holds"
   if all(v == "reversed" for v in verdicts):
@@ -120,12 +121,12 @@ def check_rows(tbl, scale: str, results: dict[str, results_lib.RunResults],
     if carried is not None:  # kept as discordant counts in a transfer evaluation without masks
       columns = {k: _decided(v) for k, v in carried[0]["columns"].items()}
       entry = dict(entry, state="done", columns=columns,
-                   verdict=f"{_overall([v['verdict'] for v in columns.values()])} (from {carried[1]})")
+                   verdict=f"{overall([v['verdict'] for v in columns.values()])} (from {carried[1]})")
     elif state == "done":
       for column in check.columns:
         key = "natural" if column == "N" else column
         entry["columns"][column] = paired_difference(sides[0][key], sides[1][key])
-      entry["verdict"] = _overall([v["verdict"] for v in entry["columns"].values()])
+      entry["verdict"] = overall([v["verdict"] for v in entry["columns"].values()])
       if retrained:
         entry.update(retrained=retrained, verdict=entry["verdict"] + " (on the retrained run"
                      + ("s" if len(retrained) > 1 else "") + ")")
@@ -236,5 +237,5 @@ def trends_markdown(trends: list[dict[str, Any]]) -> list[str]:
   return lines + [""]
 
 
-__all__ = ["ALPHA", "across_seeds", "check_rows", "checks_markdown", "dispersion_chance",
+__all__ = ["ALPHA", "across_seeds", "check_rows", "checks_markdown", "dispersion_chance", "overall",
            "mcnemar_p", "paired_difference", "trend_rows", "trends_markdown"]

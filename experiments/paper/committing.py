@@ -140,8 +140,10 @@ class Store:
     return res
 
   def keep_model(self, name: str, *, float_run: bool, log=print, dest: str | None = None) -> str | None:
-    """Copies the run's model file beside its committed results (``runs/<run>.npz``, or ``dest``); a float
-    run trained without one gets a float32 export of its newest checkpoint. Returns the path, or None."""
+    """Copies the run's model file beside its committed results (``runs/<run>.npz``, or ``dest``); a run
+    without one (a float run trained before float models were written, or one stopped after its last
+    epoch) gets an export of its newest checkpoint: float32 for a float run, packed for a quantized one.
+    Returns the path, or None."""
     dest = dest or self.model(name)
     for fname in MODEL_FILES:
       src = os.path.join(self.workdir(name), fname)
@@ -149,18 +151,23 @@ class Store:
         with open(src, "rb") as source:
           files.write_bytes_atomic(dest, lambda f, s=source: shutil.copyfileobj(s, f))
         return dest
-    if os.path.exists(dest) or not float_run:
-      return dest if os.path.exists(dest) else None
-    return self._export_float(name, dest, log)
+    if os.path.exists(dest):
+      return dest
+    return self._export(name, dest, float_run, log)
 
-  def _export_float(self, name: str, dest: str, log) -> str | None:
-    from enquant import data as data_lib, pipeline, run_results  # pylint: disable=g-import-not-at-top
+  def _export(self, name: str, dest: str, float_run: bool, log) -> str | None:
+    from enquant import data as data_lib, export, pipeline, run_results  # pylint: disable=g-import-not-at-top
     try:
       cfg, _, variables, _ = pipeline.load_run(self.workdir(name), data_dir=self.data_dir, log=lambda *_: None)
     except (FileNotFoundError, ValueError) as e:
       log(f"model of {name} not kept: {e}")
       return None
-    run_results.save_float_model(dest, cfg, variables, data_lib.DATASETS[cfg.dataset].image_shape)
+    shape = data_lib.DATASETS[cfg.dataset].image_shape
+    if float_run:
+      run_results.save_float_model(dest, cfg, variables, shape)
+    else:
+      packed = export.pack(variables["params"], cfg.quant.bits, cfg.quant.ternary_method)
+      export.save(dest, packed, batch_stats=variables["batch_stats"], model_config=cfg.model, input_shape=shape)
     return dest
 
   def model_state(self, name: str) -> str:
