@@ -96,3 +96,23 @@ def test_sparsity_pairs_and_quantization_costs_are_the_ones_reproduction_quotes(
   assert [round(p["diff"], 2) for p in members.values()] == [-0.88, -8.21, 0.23]
   gaps = [q["ours"][c] - q["ours"]["N"] for q in claims.quantization_cost(RESULTS) for c in ("A1", "A2", "A3")]
   assert (round(min(gaps), 1), round(max(gaps), 1)) == (-1.1, 1.5)
+
+
+@pytest.mark.skipif(not os.path.isdir(RESULTS), reason="no committed results")
+def test_the_retrained_mnist_check_recomputes_from_its_kept_masks():
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(RESULTS, "retrained_checks.json")) as f:
+    kept = json.load(f)
+  (check,) = kept["checks"]
+  evals = {}
+  for side in ("better", "other"):
+    with open(os.path.join(RESULTS, "retrained", check[side] + ".json")) as f:
+      evals[side] = json.load(f)
+  for col, key in (("N", "natural"), ("A1", "A1"), ("A2", "A2"), ("A3", "A3")):
+    better, other = (mcnemar.unpack_mask(e["masks"][key], e["examples"]) for e in (evals["better"],
+                                                                                    evals["other"]))
+    out = mcnemar.mcnemar(better, other)
+    got = check["columns"][col]
+    assert (out["b"], out["c"]) == (got["b"], got["c"]) and out["p"] == pytest.approx(got["p"], rel=1e-9)
+    for side, e in evals.items():  # the kept accuracies are the masks' own
+      assert 100 * e["accuracy"][key] == pytest.approx(kept["runs"][check[side]]["columns"][col]["retrained"])
