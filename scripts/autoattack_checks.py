@@ -62,8 +62,8 @@ def main(argv=None) -> int:
       "# Claim checks under AutoAttack (eps 0.031)", "",
       "Robust = correct on the clean image and under every attack of the version (AutoAttack's count); "
       "b / c = images only the claimed-better / the other run keeps; exact McNemar p. *retrained*: the "
-      "model attacked is the run trained again, whose results differ from the committed ones (they are in "
-      "`reruns/`); the others reproduce their committed results.", "",
+      "model attacked is the run trained again, which differs from the committed one (its model, and its "
+      "results where it has them, are in `reruns/`); the others reproduce their committed results.", "",
       "| table | claim | better (version) | other (version) | images | AA acc better / other "
       "| diff [95 %] | b / c | p | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
   for table, claim, better, other in PAIRS:
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     d = checks.paired_difference(mb, mo)
     rows.append({"table": table, "claim": claim, "better": better, "other": other, "versions": [vb, vo],
                  "accuracy": [float(mb.mean()), float(mo.mean())], **d})
-    retrained = [os.path.exists(os.path.join(args.results, "reruns", r + ".json")) for r in (better, other)]
+    retrained = [any(os.path.exists(os.path.join(args.results, "reruns", r + ext)) for ext in (".json", ".npz"))
+                 for r in (better, other)]
     rows[-1]["retrained"] = retrained
     vb, vo = (v + (", retrained" if r else "") for v, r in zip((vb, vo), retrained))
     lines.append(f"| {table} | {claim} | {better} ({vb}) | {other} ({vo}) | {mb.size} | "

@@ -793,7 +793,7 @@ def test_autoattack_claim_checks_pair_the_kept_masks(tmp_path):
                   "run": str(tmp_path / "runs" / name)}
     (tmp_path / "runs" / name / "evaluation-aa9.json").write_text(json.dumps(evaluation))
   os.makedirs(tmp_path / "out" / "reruns")
-  (tmp_path / "out" / "reruns" / (better + ".json")).write_text("{}")  # `better` attacked as retrained
+  (tmp_path / "out" / "reruns" / (better + ".npz")).write_bytes(b"model")  # `better` attacked as retrained
   autoattack_checks.main([f"--runs_root={tmp_path / 'runs'}", f"--results={tmp_path / 'out'}", "--tags=aa9"])
   rows = json.loads((tmp_path / "out" / "autoattack_checks.json").read_text())
   assert rows[0]["retrained"] == [True, False]
