@@ -7,7 +7,8 @@ its parts, each alone at the shapes it has there (batch images per member before
 batch after it, every member): every convolution (forward + input gradient,
 :func:`enquant.models.conv.conv2d`), every BatchNorm (inference, forward + gradient),
 the noise (std and add, forward + gradient; the normals), and the whole model without noise (one
-gradient over the K copies of the batch: the same arithmetic less the noise). Parts timed
+gradient over the K copies of the batch: the same arithmetic less the noise), and the whole gradient with
+bfloat16 convolutions (its CPU seconds, and the share of the gradient's signs it keeps). Parts timed
 alone do not add up exactly to the whole (fusion, scheduling); the rest is reported as
 "elementwise and other" (ReLU, residual sums, pooling, the loss, copies).
 """
@@ -100,7 +101,16 @@ def profile(model, images, eot_samples: int) -> dict:
   variables = model.init(jax.random.PRNGKey(0), x[:1])
   grad_fn = core.eot_loss_grad(jax.tree_util.Partial(model.apply_eval, variables),
                                 objectives.cross_entropy, eot_samples)
-  whole = _cpu(jax.jit(lambda xx: grad_fn(xx, y, jax.random.PRNGKey(1))[0]), x)
+  whole_fn = jax.jit(lambda xx: grad_fn(xx, y, jax.random.PRNGKey(1))[0])
+  whole = _cpu(whole_fn, x)
+  # The same gradient with bfloat16 convolutions (float32 parameters, noise, BatchNorm and loss).
+  bf16_model = EnResNet(dataclasses.replace(cfg, compute_dtype="bfloat16"))
+  bf16_fn = jax.jit(lambda xx: core.eot_loss_grad(jax.tree_util.Partial(
+      bf16_model.apply_eval, variables), objectives.cross_entropy, eot_samples)(
+          xx, y, jax.random.PRNGKey(1))[0])
+  bf16 = _cpu(bf16_fn, x)
+  g32, g16 = whole_fn(x), bf16_fn(x)
+  bf16_signs = float(jnp.mean(jnp.sign(g32) == jnp.sign(g16)))
   # Without noise the keys no longer matter (vmap would compute one sample): the same work is one
   # gradient over the K copies of the batch.
   quiet_model = EnResNet(dataclasses.replace(cfg, noise_coef=0.0))
@@ -124,6 +134,7 @@ def profile(model, images, eot_samples: int) -> dict:
   return {
       "model": cfg.name, "images": int(x.shape[0]), "eot_samples": eot_samples,
       "eot_gradient_cpu_s": round(whole, 4), "without_noise_cpu_s": round(quiet, 4),
+      "bfloat16_convolutions_cpu_s": round(bf16, 4), "bfloat16_sign_agreement": round(bf16_signs, 4),
       "gflop": round(flops / 1e9, 3), "gflop_per_cpu_s": round(flops / 1e9 / whole, 2),
       "convolutions_by_layer_cpu_s": {k: round(v, 4) for k, v in conv_rows.items()},
       "parts_cpu_s": {k: round(v, 4) for k, v in parts.items()},
