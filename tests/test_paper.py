@@ -212,10 +212,13 @@ def test_committed_results_count_as_finished_without_their_run_directories(tmp_p
   assert all(line.split()[0] == ("done" if line.split()[1] == names[0] else "committed") for line in lines)
   # --keep_models trains again the committed runs that keep no model, cheapest first.
   store = committing.Store(str(runs / "cpu"), str(out / "cpu"), "cpu")
+  # Cost: training over every call + the evaluation; the last call's wall seconds order them the other
+  # way (a resumed run's last call can be its shortest).
   walls = {n: 600.0 + 10 * ((7 * i) % len(names)) for i, n in enumerate(names)}
   for n in names[1:]:
     path = out / "cpu" / "runs" / (n + ".json")
-    path.write_text(json.dumps(dict(json.loads(path.read_text()), wall_seconds=walls[n])))
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), train_seconds=walls[n],
+                                    wall_seconds=5000.0 - walls[n])))
   (out / "cpu" / "runs" / (names[1] + ".npz")).write_bytes(b"kept")
   (out / "cpu" / "reruns").mkdir()
   (out / "cpu" / "reruns" / (names[2] + ".npz")).write_bytes(b"kept")
@@ -227,7 +230,8 @@ def test_committed_results_count_as_finished_without_their_run_directories(tmp_p
   assert "== Table" not in full.stdout
   rows = json.loads((out / "cpu" / "table_VIII.json").read_text())["rows"]
   assert len(rows) == len(tbl.rows) and all(r["state"] == "done" for r in rows)
-  assert all(r["wall_seconds"] == 3600.0 for r in rows)  # training over every call + the evaluation
+  assert all(r["wall_seconds"] == (3600.0 if r["run"] == names[0] else walls[r["run"]] + 600.0)
+             for r in rows)  # training over every call + the evaluation
   second = next(r for r in rows if r["run"] == names[1])
   assert second["columns"]["N"]["ours"] == pytest.approx(94.0)  # read from the committed file
   assert not (runs / "cpu" / names[1]).exists()  # and no run directory was made for it

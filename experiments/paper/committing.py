@@ -179,10 +179,11 @@ class Store:
 
   def without_model(self, names: list[str]) -> list[str]:
     """The runs of ``names`` known only by committed results that keep no model (neither their own nor a
-    rerun's): what ``--keep_models`` trains again, cheapest first (committed wall seconds)."""
+    rerun's): what ``--keep_models`` trains again, cheapest first (committed seconds over every call:
+    :attr:`enquant.results.RunResults.seconds`; a resumed run's wall seconds count only its last call)."""
     todo = [n for n in names if self.state(n) == "committed" and self.model_state(n) == "no model"]
-    wall = lambda n: float(files.read_json(self.committed(n)).get("wall_seconds") or 0.0)
-    return sorted(todo, key=lambda n: (wall(n), n))
+    cost = lambda n: results_lib.RunResults.from_json(self.committed(n)).seconds or 0.0
+    return sorted(todo, key=lambda n: (cost(n), n))
 
   def rerun(self, name: str) -> results_lib.RunResults | None:
     """The committed rerun of ``name`` (``reruns/<run>.json``: trained again, other accuracies), or None."""
