@@ -30,7 +30,7 @@ FLAGS = flags.FLAGS
 
 def study_row(results) -> dict[str, Any]:
   """One row of a training-length study from a run's :class:`~enquant.results.RunResults`: accuracies and
-  sparsities in %, channels counted as the paper counts them, M, training minutes."""
+  sparsities in % over the 3x3 convolutions (output filters and input channels), M, training minutes."""
   pct = lambda v: None if v is None else 100 * v
   acc = results.robust.accuracy if results.robust is not None else {}
   counted = lambda key: results.sparsity(key, paper_counting=True)
@@ -52,7 +52,8 @@ def study_markdown(name: str, rows: list[dict[str, Any]]) -> str:
   lines = [f"# {name}, trained longer", "",
            f"`python -m experiments.epochs_study --run={name}`: the same configuration for more epochs "
            "(learning-rate milestones and Binary-Relax's lambda schedule rescaled). Accuracies and "
-           "sparsities in %; channels counted as the paper counts them (3x3 convolutions); zero "
+           "sparsities in %, over the 3x3 convolutions; channel sparsity counts all-zero output filters, in-channel "
+           "sparsity all-zero input channels (the paper's counting); zero "
            "dispersion 1 = zeros scattered independently; M = max over epochs of max over conv layers of mean |w|.", "",
            "| " + " | ".join(STUDY_COLUMNS) + " |", "|" + "---|" * len(STUDY_COLUMNS)]
   lines += ["| " + " | ".join(fmt(c, r[c]) for c in STUDY_COLUMNS) + " |" for r in rows]
