@@ -850,3 +850,13 @@ def test_retrained_checks_report_reproduction_and_decide_the_pair(tmp_path):
   with pytest.raises(ValueError, match="not the same images"):
     retrained_checks.reproduction(json.loads((tmp_path / "runs" / better / "evaluation-a123.json").read_text()),
                                   bad)
+
+
+def test_hardware_names_the_first_processors_model_family_and_vector_isa(tmp_path):
+  info = tmp_path / "cpuinfo"
+  block = "processor\t: {p}\ncpu family\t: {f}\nmodel\t\t: {m}\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\n"
+  info.write_text(block.format(p=0, f=23, m=1, flags="fpu sse2 avx avx2 fma")
+                  + block.format(p=1, f=25, m=17, flags="avx2 avx512f"))
+  assert committing.hardware(str(info)) == f"AMD EPYC (family 23, model 1; AVX2), {os.cpu_count()} CPUs"
+  info.write_text(block.format(p=0, f=25, m=17, flags="avx avx2 avx512f avx512_bf16"))
+  assert committing.hardware(str(info)) == f"AMD EPYC (family 25, model 17; AVX-512), {os.cpu_count()} CPUs"

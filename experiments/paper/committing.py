@@ -35,15 +35,30 @@ def with_data_dir(cfg, data_dir: str | None):
   return cfg if data_dir is None else dataclasses.replace(cfg, data_dir=data_dir)
 
 
-def hardware() -> str:
-  """The CPU model (and platform) of this machine, for the run log."""
-  model = platform.processor() or platform.machine()
+def hardware(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU model (family and model numbers, widest vector ISA) and CPU count, for the run log: runs
+  are bitwise reproducible on one kind of processor, not across kinds."""
+  model, extra = platform.processor() or platform.machine(), []
   try:
-    with open("/proc/cpuinfo") as f:
-      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    with open(cpuinfo) as f:
+      fields = {}
+      for line in f:
+        key, _, value = line.partition(":")
+        if not line.strip():
+          break  # the first processor's block
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
-    pass
-  return f"{model}, {os.cpu_count()} CPUs"
+    fields = {}
+  model = fields.get("model name", model)
+  if "cpu family" in fields and "model" in fields:
+    extra.append(f"family {fields['cpu family']}, model {fields['model']}")
+  flags_ = set(fields.get("flags", "").split())
+  isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+              if flag in flags_), None)
+  if isa:
+    extra.append(isa)
+  details = f" ({'; '.join(extra)})" if extra else ""
+  return f"{model}{details}, {os.cpu_count()} CPUs"
 
 
 @dataclasses.dataclass
