@@ -860,3 +860,26 @@ def test_hardware_names_the_first_processors_model_family_and_vector_isa(tmp_pat
   assert committing.hardware(str(info)) == f"AMD EPYC (family 23, model 1; AVX2), {os.cpu_count()} CPUs"
   info.write_text(block.format(p=0, f=25, m=17, flags="avx avx2 avx512f avx512_bf16"))
   assert committing.hardware(str(info)) == f"AMD EPYC (family 25, model 17; AVX-512), {os.cpu_count()} CPUs"
+
+
+def test_a_committed_run_trained_again_keeps_its_committed_history_until_it_finishes(tmp_path):
+  runs, out = tmp_path / "runs", tmp_path / "results"
+  store = committing.Store(str(runs), str(out), "cpu")
+  name = "fmnist-ResNet8-br1b-at-0"
+  committed = [{"epoch": e, "m_bound": 0.3 - 0.01 * e} for e in (1, 2)]
+  res = results_lib.RunResults.from_dict(dict(_fake_results(
+      paper.build_config(paper.table("VIII").rows[0], "cpu"), 0.9, 0.8), history=committed))
+  (runs / name).mkdir(parents=True)
+  (runs / name / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "m_bound": 0.5}) + "\n")
+  assert store.history(name, res) == committed  # training again: one new epoch so far
+  assert store.history(name, None) == [{"epoch": 1, "m_bound": 0.5}]  # a new run: its own progress
+  (runs / name / "results.json").write_text("{}")
+  assert store.history(name, res) == [{"epoch": 1, "m_bound": 0.5}]  # finished there: its own
+  assert store.tables_run_here(name)  # figures may draw from its weights
+  store.first_runs.add(name)
+  assert store.history(name, res) == committed  # a rerun that differs: the tables keep the first
+  assert not store.tables_run_here(name)
+  store.first_runs.clear()
+  (out / "reruns").mkdir(parents=True)
+  (out / "reruns" / (name + ".json")).write_text("{}")  # kept apart by an earlier rebuild
+  assert not store.tables_run_here(name)

@@ -200,15 +200,23 @@ class Store:
     cost = lambda n: results_lib.RunResults.from_json(self.committed(n)).seconds or 0.0
     return sorted(todo, key=lambda n: (cost(n), n))
 
+  def tables_run_here(self, name: str) -> bool:
+    """Whether the run directory holds the run the tables use: finished there and not a rerun kept
+    apart in ``reruns/`` (figures drawn from its weights then match the tables)."""
+    return (self.state(name) == "done" and name not in self.first_runs
+            and not os.path.exists(os.path.join(self.out_dir, "reruns", name + ".json")))
+
   def rerun(self, name: str) -> results_lib.RunResults | None:
     """The committed rerun of ``name`` (``reruns/<run>.json``: trained again, other accuracies), or None."""
     path = os.path.join(self.out_dir, "reruns", name + ".json")
     return results_lib.RunResults.from_json(path) if os.path.exists(path) else None
 
   def history(self, name: str, res: results_lib.RunResults | None) -> list[dict[str, Any]]:
-    """The per-epoch metrics of a run: its run directory's (unless a rerun), else its results'."""
-    rows = [] if name in self.first_runs else files.read_jsonl(
-        os.path.join(self.workdir(name), "metrics.jsonl"))
+    """The per-epoch metrics of a run: its run directory's when the run finished there (and is not a
+    rerun kept apart) or has no results, else its results' (a committed run being trained again keeps
+    its committed history in the figures, not the new run's first epochs)."""
+    own = name not in self.first_runs and (res is None or self.state(name) == "done")
+    rows = files.read_jsonl(os.path.join(self.workdir(name), "metrics.jsonl")) if own else []
     return rows or ([] if res is None else res.history)
 
   def write_reruns(self, log=print) -> None:
