@@ -215,7 +215,7 @@ class Store:
     """The per-epoch metrics of a run: its run directory's when the run finished there (and is not a
     rerun kept apart) or has no results, else its results' (a committed run being trained again keeps
     its committed history in the figures, not the new run's first epochs)."""
-    own = name not in self.first_runs and (res is None or self.state(name) == "done")
+    own = self.tables_run_here(name) or (res is None and name not in self.first_runs)
     rows = files.read_jsonl(os.path.join(self.workdir(name), "metrics.jsonl")) if own else []
     return rows or ([] if res is None else res.history)
 
