@@ -3,7 +3,8 @@
 * sparsity: every depth pair (depth 8 vs 14) of Table VII and the members comparison (En5ResNet8 and
   En2ResNet14 of Table VIII against En1 of the same depth, loss (6)) in channel sparsity (paper counting:
   zero input channels of the 3x3 kernels) and zero dispersion, with the chance level of a dispersion
-  difference (``2 sqrt(2 / C_a + 2 / C_b)``, C the input channels pooled);
+  difference (``2 sqrt(2 / C_a + 2 / C_b)``, C the input channels pooled), and the same differences and
+  indices on the retrained runs that moved (``reruns/``);
 * Table I: what binarizing costs (float minus BR / BC) in N and A1-A3, ours and the paper's;
 * the paper's own gaps: Table III (transfer minus white-box), Table VIII (float minus 4-bit / tnn);
 * Table VIII's MNIST rows against the paper's numbers;
@@ -31,9 +32,17 @@ def _table(results: str, name: str) -> dict:
   return _load(os.path.join(results, f"table_{name}.json"))
 
 
-def _structure(results: str, run: str) -> dict[str, float]:
-  """Channel sparsity (paper counting), zero dispersion and its channel count of a committed run."""
-  counted = _load(os.path.join(results, "runs", f"{run}.json"))["efficiency"]["sparsity_paper_counting"]
+def _rerun(results: str, run: str) -> str | None:
+  """The results file of ``run``'s retraining with the same seeds, if it moved and was kept."""
+  path = os.path.join(results, "reruns", f"{run}.json")
+  return path if os.path.exists(path) else None
+
+
+def _structure(results: str, run: str, retrained: bool = False) -> dict[str, float]:
+  """Channel sparsity (paper counting), zero dispersion and its channel count of a committed run (of its
+  retrained run where ``retrained`` and one moved)."""
+  path = (retrained and _rerun(results, run)) or os.path.join(results, "runs", f"{run}.json")
+  counted = _load(path)["efficiency"]["sparsity_paper_counting"]
   return {"in_channel_sparsity": 100 * counted["total/in_channel_sparsity"],
           "zero_dispersion": counted["total/zero_dispersion"],
           "channels": counted.get("total/dispersion_channels", counted["total/in_channels"])}
@@ -53,10 +62,30 @@ def _compare(results: str, label: str, more: str, less: str) -> dict[str, Any]:
   a, b = _structure(results, more), _structure(results, less)
   diff = a["zero_dispersion"] - b["zero_dispersion"]
   chance = dispersion_chance(a["channels"], b["channels"])
+  retrained = None  # the same difference with each run's retraining where it moved (None: neither did)
+  if _rerun(results, more) or _rerun(results, less):
+    retrained = (_structure(results, more, retrained=True)["zero_dispersion"] -
+                 _structure(results, less, retrained=True)["zero_dispersion"])
   return {"pair": label, "more": more, "less": less, "channel_sparsity": (a["in_channel_sparsity"],
           b["in_channel_sparsity"]), "dispersion": (a["zero_dispersion"], b["zero_dispersion"]),
-          "diff": diff, "chance": chance,
+          "diff": diff, "chance": chance, "diff_retrained": retrained,
           "verdict": "holds" if diff > chance else "reversed" if diff < -chance else "tie"}
+
+
+def dispersion_reruns(results: str) -> list[dict[str, Any]]:
+  """How far retraining with the same seeds moved the zero dispersion of every kept rerun that has one:
+  run-to-run variation, which the chance level of :func:`dispersion_chance` does not cover."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(results, "reruns", "*.json"))):
+    run = os.path.basename(path)[:-5]
+    committed = os.path.join(results, "runs", f"{run}.json")
+    if any("total/zero_dispersion" not in _load(p)["efficiency"]["sparsity_paper_counting"]
+           for p in (path, committed)):
+      continue  # float or binary weights: no zeros to disperse
+    before, after = (_structure(results, run, retrained=r)["zero_dispersion"] for r in (False, True))
+    if before:
+      out.append({"run": run, "committed": before, "retrained": after, "move": after - before})
+  return out
 
 
 def sparsity(results: str) -> list[dict[str, Any]]:
@@ -141,10 +170,14 @@ def natural_training(results: str) -> list[dict[str, Any]]:
 def _markdown(data: dict[str, Any]) -> str:
   """The numbers of :func:`report` as short Markdown sections."""
   s = ["## Sparsity (depth pairs and members; in-channel sparsity %, zero dispersion)\n",
-       "| pair | channel sparsity | dispersion | diff | chance | verdict |", "|---|---|---|---|---|---|"]
+       "| pair | channel sparsity | dispersion | diff | chance | verdict | diff, retrained runs |",
+       "|---|---|---|---|---|---|---|"]
   s += [f"| {o['pair']} | {o['channel_sparsity'][0]:.2f} vs {o['channel_sparsity'][1]:.2f} | "
         f"{o['dispersion'][0]:.2f} vs {o['dispersion'][1]:.2f} | {o['diff']:+.2f} | {o['chance']:.2f} | "
-        f"{o['verdict']} |" for o in data["sparsity"]]
+        f"{o['verdict']} | " + ("-" if o["diff_retrained"] is None else f"{o['diff_retrained']:+.2f}") + " |"
+        for o in data["sparsity"]]
+  s += ["\nZero dispersion of retrained runs (same seeds): " + "; ".join(
+      f"{r['run']} {r['committed']:.2f} -> {r['retrained']:.2f}" for r in data["dispersion_reruns"])]
   s += ["\n## Table I: float minus quantized (points, N / A1 / A2 / A3)\n"]
   s += [f"- {q['net']} {q['quant']}: ours " + " / ".join(f"{q['ours'][c]:+.2f}" for c in _COLS) +
         "; paper " + " / ".join(f"{q['paper'][c]:+.2f}" for c in _COLS) for q in data["quantization_cost"]]
@@ -165,7 +198,8 @@ def _markdown(data: dict[str, Any]) -> str:
 
 def report(results: str) -> dict[str, Any]:
   """Every number of this module: ``{"data": ..., "markdown": ...}``."""
-  data = {"sparsity": sparsity(results), "quantization_cost": quantization_cost(results),
+  data = {"sparsity": sparsity(results), "dispersion_reruns": dispersion_reruns(results),
+          "quantization_cost": quantization_cost(results),
           "paper_gaps": paper_gaps(results), "m_bound": m_bound(results),
           "natural_training": natural_training(results)}
   return {"data": data, "markdown": _markdown(data)}
