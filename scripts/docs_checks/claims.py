@@ -78,12 +78,9 @@ def dispersion_reruns(results: str) -> list[dict[str, Any]]:
   out = []
   for path in sorted(glob.glob(os.path.join(results, "reruns", "*.json"))):
     run = os.path.basename(path)[:-5]
-    committed = os.path.join(results, "runs", f"{run}.json")
-    if any("total/zero_dispersion" not in _load(p)["efficiency"]["sparsity_paper_counting"]
-           for p in (path, committed)):
-      continue  # float or binary weights: no zeros to disperse
-    before, after = (_structure(results, run, retrained=r)["zero_dispersion"] for r in (False, True))
-    if before:
+    before, after = (_load(p)["efficiency"]["sparsity_paper_counting"].get("total/zero_dispersion")
+                     for p in (os.path.join(results, "runs", f"{run}.json"), path))
+    if before and after is not None:  # float and binary weights have no zeros to disperse
       out.append({"run": run, "committed": before, "retrained": after, "move": after - before})
   return out
 
