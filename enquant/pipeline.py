@@ -440,3 +440,38 @@ def load_run(workdir: str, *, data_dir: str | None = None, log=print):
   state = found.state
   variables = {"params": train_lib.eval_params(state, cfg.quant), "batch_stats": state.batch_stats}
   return cfg, model, variables, state
+
+
+def load_kept(path: str, *, data_dir: str | None = None):
+  """Restores a kept model (``results/<scale>/runs/<run>.npz`` or ``reruns/<run>.npz``: a run's model file
+  copied beside its results) with the configuration of the results file beside it (``<run>.json``), so
+  that a run is evaluated again without its run directory.
+
+  Returns:
+    ``(cfg, model, variables)`` as :func:`load_run`'s first three (P(w) for quantized runs).
+
+  Raises:
+    FileNotFoundError: the model file or its results file is missing.
+    ValueError: an unreadable model or results file, or a model file of another model configuration than
+      its results'.
+  """
+  from enquant import export  # pylint: disable=g-import-not-at-top
+  from enquant import results as results_lib  # pylint: disable=g-import-not-at-top
+
+  if not path.endswith(".npz"):
+    raise ValueError(f"{path}: a kept model is a .npz file")
+  results_path = path[:-len(".npz")] + ".json"
+  for p, what in ((path, "kept model"), (results_path, "results file of the kept model")):
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"no {what} {p}")
+  results = results_lib.RunResults.from_json(results_path)
+  try:
+    cfg = ExperimentConfig.from_dict(results.config)
+  except (ValueError, TypeError, AttributeError) as e:
+    raise ValueError(f"{results_path}: unreadable configuration ({type(e).__name__}: {e})") from None
+  if data_dir is not None:
+    cfg = dataclasses.replace(cfg, data_dir=data_dir)
+  model, variables = export.load_model(path)
+  if model.config != cfg.model:
+    raise ValueError(f"{path} holds another model than its results {results_path} name")
+  return cfg, model, variables

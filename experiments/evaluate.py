@@ -5,9 +5,14 @@
     python -m experiments.evaluate --run=runs/target --oracle=runs/oracle     # transfer (Table III)
     python -m experiments.evaluate --run=runs/demo --attacks=autoattack --tag=aa   # AutoAttack standard
     python -m experiments.evaluate --run=runs/demo --attacks=a2,autoattack-rand --sanity
+    python -m experiments.evaluate --run=results/cpu/runs/RUN.npz --attacks=a1,a2,a3,cwl2   # a kept model
 
 Writes ``evaluation[-<tag>].json`` and ``.md`` into the run directory (never overwriting an existing file
-unless --overwrite). With --oracle, adversarial examples are crafted on the oracle run's model (its P(w) for
+unless --overwrite). ``--run`` (and ``--oracle``) may also name a kept model, a run's model file committed
+beside its results (``results/<scale>/runs/<run>.npz``, or ``reruns/<run>.npz`` for a retrained run that
+moved; the run's configuration comes from the results file ``<run>.json`` beside it): its evaluation goes
+to ``--out``, by default ``runs/kept/<run>`` (``runs/kept/reruns/<run>``) with a copy of the run's
+``config.json``, so a committed row is attacked again without its run directory or any training. With --oracle, adversarial examples are crafted on the oracle run's model (its P(w) for
 quantized runs) and the target's accuracy on them is reported.
 
 ``autoattack`` / ``autoattack-rand`` in --attacks run :func:`enquant.attacks.autoattack.evaluate` (standard:
@@ -29,8 +34,12 @@ from absl import flags
 
 import experiments  # noqa: F401  (XLA flags before JAX)
 
-flags.DEFINE_string("run", None, "Run directory to evaluate.", required=True)
-flags.DEFINE_string("oracle", None, "Run directory of the oracle model (black-box transfer).")
+flags.DEFINE_string("run", None, "Run directory to evaluate, or a kept model file (results/<scale>/runs/"
+                    "<run>.npz, reruns/<run>.npz; its results <run>.json beside it).", required=True)
+flags.DEFINE_string("oracle", None, "Run directory or kept model file of the oracle model (black-box "
+                    "transfer).")
+flags.DEFINE_string("out", None, "Directory of a kept model's evaluation files (default: runs/kept/<run>, "
+                    "runs/kept/reruns/<run> for a rerun's model); a run directory's go into it.")
 flags.DEFINE_string("attacks", None, "Attacks (default: the run's own evaluation attacks); also "
                     "autoattack (standard version) and autoattack-rand (EOT 20, randomized models).")
 flags.DEFINE_float("eps", None, "l_inf radius (default: the run's).")
@@ -158,23 +167,80 @@ def check_writable(run: str) -> None:
                      "evaluation writes evaluation*.json there; copy the run elsewhere or fix it") from None
 
 
+def is_kept(path: str) -> bool:
+  """Whether ``path`` names a kept model file rather than a run directory."""
+  return path.endswith(".npz")
+
+
+def output_dir(run: str, out: str | None) -> str:
+  """Where the evaluation files go: the run directory, or for a kept model ``out`` (default
+  ``runs/kept/<run>``, ``runs/kept/reruns/<run>`` for a file in a ``reruns`` directory)."""
+  if not is_kept(run):
+    if out is not None:
+      raise ValueError(f"--out is for a kept model (.npz); a run directory's evaluation goes into {run}")
+    return run
+  if out is not None:
+    return out
+  rerun = os.path.basename(os.path.dirname(os.path.abspath(run))) == "reruns"
+  return os.path.join("runs", "kept", *(["reruns"] if rerun else []), os.path.basename(run)[:-len(".npz")])
+
+
+def load_model_source(path: str):
+  """``(cfg, model, variables)`` of a run directory (its newest good checkpoint) or a kept model file."""
+  from enquant import pipeline  # pylint: disable=g-import-not-at-top
+
+  if is_kept(path):
+    return pipeline.load_kept(path, data_dir=FLAGS.data_dir)
+  return pipeline.load_run(path, data_dir=FLAGS.data_dir)[:3]
+
+
+def prepare_kept_output(out: str, cfg) -> None:
+  """Makes ``out`` for a kept model's evaluation with the run's ``config.json`` (kept if it is there and
+  of the same run; another run's is refused)."""
+  from enquant import config as config_lib  # pylint: disable=g-import-not-at-top
+  from enquant import files  # pylint: disable=g-import-not-at-top
+
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out} is a file, not a directory")
+  os.makedirs(out, exist_ok=True)
+  check_writable(out)
+  path = os.path.join(out, "config.json")
+  if os.path.exists(path):
+    try:
+      theirs = config_lib.ExperimentConfig.from_dict(files.read_json(path)).fingerprint_dict()
+    except (ValueError, TypeError, AttributeError) as e:
+      raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+    if theirs != cfg.fingerprint_dict():
+      raise ValueError(f"{out} holds another run ({path}); choose another --out")
+  else:
+    files.write_json_atomic(path, cfg.to_dict())
+
+
 def evaluate_run() -> dict:
-  """Validates the flags and the run directory, then evaluates holding the run directory's lock."""
+  """Validates the flags and the run directory (or kept model), then evaluates holding the output
+  directory's lock."""
   from enquant import files  # pylint: disable=g-import-not-at-top
 
   overrides = eval_overrides()
-  check_writable(FLAGS.run)
-  with files.hold_lock(os.path.join(FLAGS.run, ".lock"), f"run directory {FLAGS.run}"):
-    return _evaluate_locked(overrides)  # one writer: no training or other evaluation meanwhile
+  out = output_dir(FLAGS.run, FLAGS.out)
+  source = None
+  if is_kept(FLAGS.run):
+    source = load_model_source(FLAGS.run)  # validated before anything is written
+    prepare_kept_output(out, source[0])
+  else:
+    check_writable(out)
+  with files.hold_lock(os.path.join(out, ".lock"), f"run directory {out}"):
+    # One writer: no training or other evaluation meanwhile (a run directory is loaded under the lock).
+    return _evaluate_locked(overrides, out, source or load_model_source(FLAGS.run))
 
 
-def _evaluate_locked(overrides: dict) -> dict:
+def _evaluate_locked(overrides: dict, out_dir: str, source) -> dict:
   from enquant import data as data_lib  # pylint: disable=g-import-not-at-top
   from enquant import files  # pylint: disable=g-import-not-at-top
   from enquant import pipeline  # pylint: disable=g-import-not-at-top
   from enquant import run_results  # pylint: disable=g-import-not-at-top
 
-  cfg, model, variables, _ = pipeline.load_run(FLAGS.run, data_dir=FLAGS.data_dir)
+  cfg, model, variables = source
   cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **overrides))
   if FLAGS.noise_rng is not None and FLAGS.noise_rng != cfg.model.noise_rng:
     from enquant.models import EnResNet  # pylint: disable=g-import-not-at-top
@@ -187,12 +253,12 @@ def _evaluate_locked(overrides: dict) -> dict:
     raise ValueError("AutoAttack is a white-box evaluation: drop --oracle or the autoattack entries")
   oracle = None
   if FLAGS.oracle:
-    ocfg, omodel, ovars, _ = pipeline.load_run(FLAGS.oracle, data_dir=FLAGS.data_dir)
+    ocfg, omodel, ovars = load_model_source(FLAGS.oracle)
     if ocfg.dataset != cfg.dataset:
       raise ValueError(f"oracle was trained on {ocfg.dataset}, target on {cfg.dataset}")
     oracle = (omodel, ovars)
   tag = FLAGS.tag or ("transfer" if FLAGS.oracle else "")
-  out = os.path.join(FLAGS.run, f"evaluation{'-' + tag if tag else ''}.json")
+  out = os.path.join(out_dir, f"evaluation{'-' + tag if tag else ''}.json")
   if os.path.exists(out) and not FLAGS.overwrite:
     raise ValueError(f"{out} exists; pass --overwrite or --tag=NAME")
   ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source,
@@ -208,7 +274,7 @@ def _evaluate_locked(overrides: dict) -> dict:
                                         resume_path=out[:-5] + "-progress.json")
   if FLAGS.sanity:
     result["sanity"] = sanity_report(cfg, model, variables, images, labels, progress=FLAGS.progress)
-  result.update(run=os.path.abspath(FLAGS.run), eps=cfg.eval.eps, noise_rng=cfg.model.noise_rng,
+  result.update(run=os.path.abspath(FLAGS.run), kept_model=is_kept(FLAGS.run), eps=cfg.eval.eps, noise_rng=cfg.model.noise_rng,
                 oracle=os.path.abspath(FLAGS.oracle) if FLAGS.oracle else None,
                 software=pipeline.software_versions())
   files.write_json_atomic(out, result)

@@ -163,6 +163,44 @@ def test_evaluate_cli_refuses_bad_flags_and_a_missing_run_with_one_line(tmp_path
       "it to finish or stop it first\n"), done.stderr
 
 
+KEPT = os.path.join(ROOT, "results", "cpu", "runs", "fmnist-ResNet8-br2b-natural-141eb115.npz")  # deterministic
+
+
+def test_a_kept_model_is_evaluated_again_without_its_run_directory(shared_data_dir, tmp_path):
+  """``--run=<kept model>.npz`` attacks a committed row from its model file and results alone; the first
+  eval batch reproduces the committed per-image masks (natural exactly; FGSM up to 2 images that another
+  processor's rounding may flip at the decision boundary)."""
+  out = tmp_path / "kept"
+  done = _cli("experiments.evaluate", f"--run={KEPT}", "--attacks=a1", "--max_examples=256", f"--out={out}",
+              "--progress=false", "--compilation_cache=")
+  assert done.returncode == 0, done.stderr[-2000:]
+  committed = results_lib.RunResults.from_json(KEPT[:-len(".npz")] + ".json")
+  evaluation = json.loads((out / "evaluation.json").read_text())
+  assert evaluation["kept_model"] and evaluation["examples"] == 256
+  from enquant import evalfiles  # pylint: disable=g-import-not-at-top
+  masks = {k: evalfiles.unpack_mask(evaluation["masks"][k], 256) for k in ("natural", "A1")}
+  np.testing.assert_array_equal(masks["natural"], committed.robust.mask("natural")[:256])
+  assert (masks["A1"] != committed.robust.mask("A1")[:256]).sum() <= 2
+  assert config_lib.ExperimentConfig.from_dict(json.loads((out / "config.json").read_text())) == (
+      config_lib.ExperimentConfig.from_dict(committed.config))  # the run's configuration beside its evaluation
+  # Bad input: one line each, before anything is computed or written.
+  (tmp_path / "orphan.npz").write_bytes(b"x")
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "config.json").write_text(json.dumps(config_lib.ExperimentConfig().to_dict()))
+  cases = {(f"--run={tmp_path / 'missing.npz'}",): f"no kept model {tmp_path / 'missing.npz'}",
+           (f"--run={tmp_path / 'orphan.npz'}",): f"no results file of the kept model {tmp_path / 'orphan.json'}",
+           (f"--run={tmp_path}", f"--out={out}"): "--out is for a kept model",
+           (f"--run={KEPT}", f"--out={tmp_path / 'other'}"): "holds another run",
+           (f"--run={KEPT}", "--attacks=a1", "--max_examples=256", f"--out={out}"): "exists; pass --overwrite"}
+  procs = {args: subprocess.Popen([sys.executable, "-m", "experiments.evaluate", *args, "--compilation_cache="],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for args in cases}
+  for args, proc in procs.items():
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.count("\n") == 1 and cases[args] in err, (args, err)
+  assert sorted(os.listdir(tmp_path / "other")) == ["config.json"]
+
+
 def test_evaluation_into_a_read_only_run_directory_fails_before_computing(ternary_run):
   _, workdir, _ = ternary_run
   # Its own process (experiments.evaluate's flags are not the training CLI's): every write into the run
