@@ -274,7 +274,8 @@ def _evaluate_locked(overrides: dict, out_dir: str, source) -> dict:
                                         resume_path=out[:-5] + "-progress.json")
   if FLAGS.sanity:
     result["sanity"] = sanity_report(cfg, model, variables, images, labels, progress=FLAGS.progress)
-  result.update(run=os.path.abspath(FLAGS.run), kept_model=is_kept(FLAGS.run), eps=cfg.eval.eps, noise_rng=cfg.model.noise_rng,
+  result.update(run=os.path.abspath(FLAGS.run), kept_model=is_kept(FLAGS.run), eps=cfg.eval.eps,
+                noise_rng=cfg.model.noise_rng,
                 oracle=os.path.abspath(FLAGS.oracle) if FLAGS.oracle else None,
                 software=pipeline.software_versions())
   files.write_json_atomic(out, result)

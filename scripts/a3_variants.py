@@ -1,6 +1,6 @@
 """A3 variants side by side: CW-l_inf (``A3``) and the EnResNet code's C&W (``cwl2``) on each evaluated model.
 
-    PYTHONPATH=$PWD python scripts/a3_variants.py [--runs=runs/demo,runs/paper/cpu/*] \
+    PYTHONPATH=$PWD python scripts/a3_variants.py [--runs=runs/demo,runs/paper/cpu/*,runs/kept/*] \
         [--tags=a3_vs_cwl2,a3var] [--results=results/cpu]
 
 Each run directory matched by ``--runs`` (comma-separated globs) contributes its evaluation file
@@ -111,7 +111,9 @@ def portable_copy(run: str, path: str, tag: str) -> dict[str, Any]:
   """The evaluation ``path``, validated (:func:`read`), as kept: the run named relative to the working
   directory, with the run's dataset and model (its ``config.json``) and the tag."""
   dataset, model = _model(run)
-  return dict(reports.portable(read(path).to_dict()), run=os.path.relpath(run), dataset=dataset,
+  kept = reports.portable(read(path).to_dict())
+  # A kept model's evaluation names its model file (the command's --run); a run directory's, the directory.
+  return dict(kept, run=kept["run"] if kept.get("kept_model") else os.path.relpath(run), dataset=dataset,
               model=model, tag=tag)
 
 
@@ -231,7 +233,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   """The report (module docstring): command, counting, the rows, the paired tests and the verdict."""
   lines = ["# A3 variants: CW-l_inf (ours) vs the EnResNet code's C&W (cwl2)", "",
            f"Command: `{SCRIPT}` over the evaluations below (runs/demo comes from `python -m "
-           "experiments.demo`, runs/paper/cpu/* from `python -m experiments.paper --scale=cpu`):", ""]
+           "experiments.demo`, runs/paper/cpu/* from `python -m experiments.paper --scale=cpu`, "
+           "results/cpu/runs/*.npz are the committed runs' kept models):", ""]
   lines += [f"- `{r['command']}`" for r in rows]
   held, total = paper_pattern()
   lines += ["", f"Counting: {COUNTING}. A2 is IFGSM-20, A3 CW-l_inf (50 steps, kappa 50), cwl2 the EnResNet "
@@ -274,7 +277,7 @@ def build(args) -> list[dict[str, Any]]:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--runs", default="runs/demo,runs/paper/cpu/*",
+  parser.add_argument("--runs", default="runs/demo,runs/paper/cpu/*,runs/kept/*",
                       help="comma-separated globs of run directories")
   parser.add_argument("--tags", default="a3_vs_cwl2,a3var",
                       help="the evaluations' --tag, in order of preference (the first found is kept)")

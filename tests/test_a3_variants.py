@@ -27,11 +27,12 @@ TABLE_ROW = tables.TABLES["II"].rows[1]  # En1ResNet20 BR
 TABLE_RUN = scales.run_name(scales.build_config(TABLE_ROW, "cpu"))
 
 
-def _write_run(root, name, masks, *, config=None, keep_masks=True, tag="a3var"):
+def _write_run(root, name, masks, *, config=None, keep_masks=True, tag="a3var", kept_model=None):
   run = root / name
   run.mkdir(parents=True)
   accuracy = {k: float(np.mean(v)) for k, v in masks.items()}
-  evaluation = {"accuracy": dict(accuracy, n=N), "examples": N, "eps": 0.031, "run": str(run),
+  evaluation = {"accuracy": dict(accuracy, n=N), "examples": N, "eps": 0.031,
+                "run": str(kept_model or run), "kept_model": kept_model is not None,
                 "attacks": [{"name": k, "eot_samples": 1} for k in masks if k != "natural"]}
   if keep_masks:
     evaluation["masks"] = {k: evalfiles.pack_mask(np.asarray(v, bool)) for k, v in masks.items()}
@@ -56,7 +57,9 @@ def built(tmp_path, capsys):
   weak = {"natural": I < 36, "A2": I < 20, "A3": I < 20, "cwl2": I < 37}
   _write_run(runs, "weak", weak, keep_masks=False, tag="a3_vs_cwl2")
   # cwl2 one image below natural: the pattern holds on the numbers, not distinguishable from natural.
-  _write_run(runs, "close", {"natural": I < 36, "A2": I < 20, "A3": I < 20, "cwl2": I < 35})
+  # (Evaluated from a kept model file, experiments.evaluate --run=<model>.npz: its command names the file.)
+  _write_run(runs, "close", {"natural": I < 36, "A2": I < 20, "A3": I < 20, "cwl2": I < 35},
+             kept_model=tmp_path / "results" / "runs" / "close.npz")
   (runs / "untouched").mkdir()  # a run directory without an evaluation
   out = tmp_path / "out"
   args = [f"--runs={runs / '*'}", f"--results={out}"]
@@ -81,6 +84,10 @@ def test_rows_hold_the_accuracies_the_pattern_and_the_paper_row(built):
   assert weak["cwl2 > A2"] and not weak["A2 < cwl2 < natural"]  # 92.5 is not below 90
   assert weak["paper"] is None and weak["cwl2 vs A3"] is None and not weak["masks"]
   assert "--attacks=a1,a2,a3,cwl2 --eot_samples=0 --max_examples=40 --tag=a3var" in row["command"]
+  assert row["command"].startswith(f"python -m experiments.evaluate --run={os.path.relpath(row['run'])} ")
+  assert rows["close"]["command"].startswith("python -m experiments.evaluate --run="
+                                             f"{os.path.relpath(rows['close']['run'])} ")
+  assert rows["close"]["run"].endswith(os.path.join("results", "runs", "close.npz"))  # the model file
 
 
 def test_mcnemar_of_a3_and_cwl2_equals_a_direct_binomial_count(built):
