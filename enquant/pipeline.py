@@ -475,3 +475,11 @@ def load_kept(path: str, *, data_dir: str | None = None):
   if model.config != cfg.model:
     raise ValueError(f"{path} holds another model than its results {results_path} name")
   return cfg, model, variables
+
+
+def load_trained(path: str, *, data_dir: str | None = None, log=print):
+  """``(cfg, model, variables)`` of a run directory (:func:`load_run`) or of a kept model file (a path
+  ending in ``.npz``, :func:`load_kept`)."""
+  if path.endswith(".npz"):
+    return load_kept(path, data_dir=data_dir)
+  return load_run(path, data_dir=data_dir, log=log)[:3]

@@ -185,15 +185,6 @@ def output_dir(run: str, out: str | None) -> str:
   return os.path.join("runs", "kept", *(["reruns"] if rerun else []), os.path.basename(run)[:-len(".npz")])
 
 
-def load_model_source(path: str):
-  """``(cfg, model, variables)`` of a run directory (its newest good checkpoint) or a kept model file."""
-  from enquant import pipeline  # pylint: disable=g-import-not-at-top
-
-  if is_kept(path):
-    return pipeline.load_kept(path, data_dir=FLAGS.data_dir)
-  return pipeline.load_run(path, data_dir=FLAGS.data_dir)[:3]
-
-
 def prepare_kept_output(out: str, cfg) -> None:
   """Makes ``out`` for a kept model's evaluation with the run's ``config.json`` (kept if it is there and
   of the same run; another run's is refused)."""
@@ -220,18 +211,20 @@ def evaluate_run() -> dict:
   """Validates the flags and the run directory (or kept model), then evaluates holding the output
   directory's lock."""
   from enquant import files  # pylint: disable=g-import-not-at-top
+  from enquant import pipeline  # pylint: disable=g-import-not-at-top
 
   overrides = eval_overrides()
   out = output_dir(FLAGS.run, FLAGS.out)
   source = None
   if is_kept(FLAGS.run):
-    source = load_model_source(FLAGS.run)  # validated before anything is written
+    source = pipeline.load_kept(FLAGS.run, data_dir=FLAGS.data_dir)  # validated before any write
     prepare_kept_output(out, source[0])
   else:
     check_writable(out)
   with files.hold_lock(os.path.join(out, ".lock"), f"run directory {out}"):
     # One writer: no training or other evaluation meanwhile (a run directory is loaded under the lock).
-    return _evaluate_locked(overrides, out, source or load_model_source(FLAGS.run))
+    return _evaluate_locked(overrides, out,
+                            source or pipeline.load_trained(FLAGS.run, data_dir=FLAGS.data_dir))
 
 
 def _evaluate_locked(overrides: dict, out_dir: str, source) -> dict:
@@ -253,7 +246,7 @@ def _evaluate_locked(overrides: dict, out_dir: str, source) -> dict:
     raise ValueError("AutoAttack is a white-box evaluation: drop --oracle or the autoattack entries")
   oracle = None
   if FLAGS.oracle:
-    ocfg, omodel, ovars = load_model_source(FLAGS.oracle)
+    ocfg, omodel, ovars = pipeline.load_trained(FLAGS.oracle, data_dir=FLAGS.data_dir)
     if ocfg.dataset != cfg.dataset:
       raise ValueError(f"oracle was trained on {ocfg.dataset}, target on {cfg.dataset}")
     oracle = (omodel, ovars)

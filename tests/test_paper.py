@@ -785,6 +785,35 @@ def test_a_committed_model_reproduces_its_committed_per_image_results(shared_dat
     np.testing.assert_array_equal(correct, res.robust.mask("natural")[:128], err_msg=path)
 
 
+def test_kernel_figures_draw_from_kept_models_without_run_directories(tmp_path, monkeypatch):
+  """Figs. 4 and 6 from committed model files alone: a run's own model, else its retrained run's (the panel
+  says so); each panel is an output channel of the model's kernel; a figure whose model is absent is skipped."""
+  from enquant import export, plots  # pylint: disable=g-import-not-at-top
+  from experiments.paper import figures  # pylint: disable=g-import-not-at-top
+  fig4, at = "fmnist-ResNet8-br2b-at-ad18541e", "fmnist-En1ResNet8-br2b-at-97f7098a"
+  tradeoff = "fmnist-En1ResNet8-br2b-tradeoff-a1b8-5609afdd"  # moved when retrained: only the rerun's model
+  out = tmp_path / "results"
+  for name, sub in ((fig4, "runs"), (at, "runs"), (tradeoff, "reruns")):
+    os.makedirs(out / sub, exist_ok=True)
+    for ext in (".npz", ".json"):
+      shutil.copy(os.path.join(ROOT, "results", "cpu", sub, name + ext), out / sub)
+  drawn = {}
+  monkeypatch.setattr(plots, "kernels", lambda path, panels, title: drawn.update({os.path.basename(path): panels}))
+  store = committing.Store(str(tmp_path / "runs"), str(out), "cpu")
+  figures.draw(store.runs_dir, store.out_dir, "cpu", None, lambda d: False, log=lambda *_: None,
+               kept_model=store.kept_model)
+  assert sorted(drawn) == ["fig4_ternary_channels_at.png", "fig6_ternary_channels_at_vs_tradeoff.png"]
+  assert list(drawn["fig6_ternary_channels_at_vs_tradeoff.png"]) == [
+      "En1ResNet20 tnn AT", "En1ResNet20 tnn (6) a=1 b=8\n(retrained run)"]
+  _, variables = export.load_model(out / "runs" / (fig4 + ".npz"))
+  block, conv = paper.kernel_layer(variables["params"])
+  kernel = np.asarray(variables["params"][block][conv]["kernel"][0])  # (3, 3, I, O)
+  columns = [kernel[..., o].reshape(9, -1).T for o in range(kernel.shape[-1])]
+  (panels,) = drawn["fig4_ternary_channels_at.png"].values()
+  assert len(panels) == 4 and all(any(np.array_equal(p, c) for c in columns) for p in panels)
+  assert len(np.unique(np.abs(panels[panels != 0]))) == 1 and (panels == 0).any()  # ternary: one scale, zeros
+
+
 def test_autoattack_claim_checks_pair_the_kept_masks(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "scripts"))
   import autoattack_checks  # pylint: disable=g-import-not-at-top,import-error

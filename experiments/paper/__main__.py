@@ -185,7 +185,7 @@ def main(argv):
     rebuild_tables()
     store = _store()
     figures.draw(store.runs_dir, store.out_dir, FLAGS.scale, FLAGS.data_dir,
-                 lambda d: store.tables_run_here(os.path.basename(d)))
+                 lambda d: store.tables_run_here(os.path.basename(d)), kept_model=store.kept_model)
     if not ok:
       print("error: some runs failed (their logs are named above); the tables hold the runs that finished",
             file=sys.stderr)

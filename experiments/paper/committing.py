@@ -185,12 +185,19 @@ class Store:
       export.save(dest, packed, batch_stats=variables["batch_stats"], model_config=cfg.model, input_shape=shape)
     return dest
 
+  def kept_model(self, name: str) -> tuple[str, bool] | None:
+    """``(model file, retrained)`` of the committed run ``name``: its own model kept beside its results,
+    else its retrained run's (``reruns/``, the retrained run moved); None when neither is kept."""
+    if os.path.exists(self.model(name)):
+      return self.model(name), False
+    rerun = os.path.join(self.out_dir, "reruns", name + ".npz")
+    return (rerun, True) if os.path.exists(rerun) else None
+
   def model_state(self, name: str) -> str:
     """``model`` (kept beside the committed results), ``rerun's model`` (only a retrained run's, in
     ``reruns/``) or ``no model``."""
-    if os.path.exists(self.model(name)):
-      return "model"
-    return "rerun's model" if os.path.exists(os.path.join(self.out_dir, "reruns", name + ".npz")) else "no model"
+    kept = self.kept_model(name)
+    return "no model" if kept is None else "rerun's model" if kept[1] else "model"
 
   def without_model(self, names: list[str]) -> list[str]:
     """The runs of ``names`` known only by committed results that keep no model (neither their own nor a

@@ -1,4 +1,8 @@
-"""The paper's figures from finished runs: Figs. 1 and 3-6 need the trained models, Fig. 7 the data."""
+"""The paper's figures from finished runs: Figs. 1 and 3-6 need the trained models, Fig. 7 the data.
+
+A model comes from the committed run's kept model file when there is one (the tables' run exactly, no run
+directory needed), else from its finished run directory, else from its retrained run's kept model (the
+panel then says "retrained run")."""
 
 import os
 
@@ -11,11 +15,11 @@ from enquant import run_results
 from experiments.paper import scales
 
 
-def kernel_panels(workdir: str, data_dir: str | None, count: int = 4, channels: bool = False):
-  """``count`` kernels (member 0) of :func:`experiments.paper.scales.kernel_layer` of a finished run: 3x3
-  kernels at fixed random positions, or whole output channels reshaped to (in_channels, 9) (the paper's
-  "reshaped channels")."""
-  _, _, variables, _ = pipeline.load_run(workdir, data_dir=data_dir, log=lambda *_: None)
+def kernel_panels(path: str, data_dir: str | None, count: int = 4, channels: bool = False):
+  """``count`` kernels (member 0) of :func:`experiments.paper.scales.kernel_layer` of a finished run (its
+  run directory or kept model file): 3x3 kernels at fixed random positions, or whole output channels
+  reshaped to (in_channels, 9) (the paper's "reshaped channels")."""
+  _, _, variables = pipeline.load_trained(path, data_dir=data_dir, log=lambda *_: None)
   block, conv = scales.kernel_layer(variables["params"])
   kernel = np.asarray(variables["params"][block][conv]["kernel"][0])  # (3, 3, I, O)
   rng = np.random.default_rng(0)
@@ -39,25 +43,34 @@ KERNEL_FIGURES = (
 )
 
 
-def draw(runs_dir: str, out_dir: str, scale: str, data_dir: str | None, is_done, log=print) -> None:
-  """Figs. 1 and 3-7, each drawn once its runs exist (``is_done(workdir)``: a finished run directory)."""
-  def run_dir(table, **match):
+def draw(runs_dir: str, out_dir: str, scale: str, data_dir: str | None, is_done, log=print,
+         kept_model=lambda name: None) -> None:
+  """Figs. 1 and 3-7, each drawn once its runs' models exist (module docstring): ``kept_model(name)`` is
+  ``(model file, retrained)`` or None (:meth:`experiments.paper.committing.Store.kept_model`),
+  ``is_done(workdir)`` whether a run directory holds the tables' finished run."""
+  def source(table, **match):
+    """``(run directory or model file or None, row, retrained)`` of the table's row matching ``match``."""
     row = next(r for r in scales.table(table).rows
                if r.oracle is None and all(getattr(r, k) == v for k, v in match.items()))
-    d = os.path.join(runs_dir, scales.run_name(scales.build_config(row, scale)))
-    return d if is_done(d) else None, row
+    name = scales.run_name(scales.build_config(row, scale))
+    kept, workdir = kept_model(name), os.path.join(runs_dir, name)
+    if kept is not None and not kept[1]:
+      return kept[0], row, False
+    if is_done(workdir):
+      return workdir, row, False
+    return (kept[0], row, True) if kept is not None else (None, row, False)
 
   for name, title, sources, channels in KERNEL_FIGURES:
-    found = [run_dir(t, **m) for t, m in sources]
-    if all(d is not None for d, _ in found):
-      panels = {f"{r.net} {r.quant_label} {r.loss_label}": kernel_panels(d, data_dir, channels=channels)
-                for d, r in found}
+    found = [source(t, **m) for t, m in sources]
+    if all(path is not None for path, _, _ in found):
+      panels = {f"{r.net} {r.quant_label} {r.loss_label}" + ("\n(retrained run)" if retrained else ""):
+                kernel_panels(path, data_dir, channels=channels) for path, r, retrained in found}
       plots.kernels(os.path.join(out_dir, name), panels, title=title + f" ({scale} scale)")
       log(f"figure -> {out_dir}/{name}")
   # Fig. 1: FGSM on the paper's naturally trained ResNet56 (here the nearest run: Table VII's ternary one).
-  fig1, row = run_dir("VII", depth=56, noise=0.0, bits=2, loss="natural")
+  fig1, row, _ = source("VII", depth=56, noise=0.0, bits=2, loss="natural")
   if fig1 is not None:
-    cfg, model, variables, _ = pipeline.load_run(fig1, data_dir=data_dir, log=lambda *_: None)
+    cfg, model, variables = pipeline.load_trained(fig1, data_dir=data_dir, log=lambda *_: None)
     ds = data_lib.load(cfg.dataset, cfg.data_dir, source=cfg.data_source, max_train=1)
     path = os.path.join(out_dir, "fig1_fgsm_examples.png")
     run_results.figure_examples(cfg, model, variables, ds, path, kind="fgsm")
