@@ -37,8 +37,9 @@ TABLE_ORDER = ("II", "I", "V", "VI", "VIII")  # tables with an A3 column; a run 
 COUNTING = ("per-attack counting, as the paper's tables: an image counts for an attack when the model is "
             "correct on the attacked image, whatever the clean pass gives (so an attack may exceed the "
             "natural accuracy of the same images by noise draws)")
-A3_COLUMN = ("The tables' A3 column is CW-l_inf (attack `a3`): every committed run was evaluated with it, "
-             "and `cwl2` needs a kept model.")
+A3_COLUMN = ("The tables' A3 column is CW-l_inf (attack `a3`): every committed run was evaluated with it; "
+             "`cwl2` attacks any committed row from its kept model (`python -m experiments.evaluate "
+             "--run=results/cpu/runs/<run>.npz --attacks=a1,a2,a3,cwl2`).")
 SCRIPT = "PYTHONPATH=$PWD python scripts/a3_variants.py"
 HEADER = ("run", "dataset", "model", "eps", "images", "natural", "A1", "A2", "A3 (CW-l_inf)", "cwl2",
           "cwl2 > A2", "A2 < cwl2 < natural", "paper row", "paper N", "paper A1", "paper A2", "paper A3")
