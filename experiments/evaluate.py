@@ -12,8 +12,9 @@ unless --overwrite). ``--run`` (and ``--oracle``) may also name a kept model, a 
 beside its results (``results/<scale>/runs/<run>.npz``, or ``reruns/<run>.npz`` for a retrained run that
 moved; the run's configuration comes from the results file ``<run>.json`` beside it): its evaluation goes
 to ``--out``, by default ``runs/kept/<run>`` (``runs/kept/reruns/<run>``) with a copy of the run's
-``config.json``, so a committed row is attacked again without its run directory or any training. With --oracle, adversarial examples are crafted on the oracle run's model (its P(w) for
-quantized runs) and the target's accuracy on them is reported.
+``config.json``, so a committed row is attacked again without its run directory or any training. With
+--oracle, adversarial examples are crafted on the oracle run's model (its P(w) for quantized runs) and the
+target's accuracy on them is reported.
 
 ``autoattack`` / ``autoattack-rand`` in --attacks run :func:`enquant.attacks.autoattack.evaluate` (standard:
 APGD-CE, APGD-T, FAB-T, Square; rand: APGD-CE and APGD-DLR with EOT 20) on the same images; the JSON
